@@ -1,0 +1,149 @@
+"""The storage driver contract: result types, the error family, the Protocol and key rules."""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+# 8 MiB keeps per-call overhead negligible on every protocol while a handful of
+# chunks in flight still fits the worker's memory budget.
+CHUNK_SIZE = 8 * 1024 * 1024
+
+# Temporary names written during put(); list() hides them so a half-written
+# upload is never mistaken for a backup file.
+_TEMP_RE = re.compile(r"\.part-[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True)
+class PutResult:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime | None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    latency_ms: float | None
+    free_bytes: int | None
+    error: str | None
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message is meant for an operator."""
+
+
+class StorageUnreachable(StorageError):
+    """Cannot talk to the storage: network, login, host key or missing bucket."""
+
+
+class ObjectNotFound(StorageError):
+    """The key does not exist."""
+
+
+class StorageFull(StorageError):
+    """The storage has no room left for the object."""
+
+
+class BackupStorageDriver(Protocol):
+    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult: ...
+
+    # Declared without `async` so that an `async def ... yield` generator matches.
+    def get(self, key: str) -> AsyncIterator[bytes]: ...
+
+    async def stat(self, key: str) -> ObjectInfo: ...
+
+    async def list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def free_bytes(self) -> int | None: ...
+
+    async def check(self) -> CheckResult: ...
+
+    async def close(self) -> None: ...
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a safe relative '/'-separated path, else raise ValueError."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("storage key must be a non-empty string")
+    if key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"storage key {key!r} must be a relative '/'-separated path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"storage key {key!r} must not contain empty, '.' or '..' parts")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Prefixes follow key rules but may be empty or end with '/'."""
+    if prefix:
+        validate_key(prefix.rstrip("/") or "/")
+    return prefix
+
+
+def prefix_dir(prefix: str) -> str:
+    """The deepest directory that can hold keys starting with `prefix` ('' = root)."""
+    return prefix if prefix.endswith("/") else posixpath.dirname(prefix)
+
+
+def temp_name(key: str) -> str:
+    return f"{key}.part-{secrets.token_hex(8)}"
+
+
+def is_temp_name(name: str) -> bool:
+    return _TEMP_RE.search(name) is not None
+
+
+class Sha256Counter:
+    """Running sha256 and byte count of a stream."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        # hashlib drops the GIL for large buffers, so callers may run this in a thread.
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def result(self) -> PutResult:
+        return PutResult(size=self.size, sha256=self._hash.hexdigest())
+
+
+async def run_check(driver: BackupStorageDriver) -> CheckResult:
+    """Write, read back, compare and delete a probe object; report instead of raising."""
+    probe = secrets.token_bytes(64 * 1024)
+    key = f".ibp-check-{secrets.token_hex(8)}"
+    started = time.perf_counter()
+    try:
+        await driver.put(key, _one(probe))
+        try:
+            back = b"".join([chunk async for chunk in driver.get(key)])
+        finally:
+            await driver.delete(key)
+        if back != probe:
+            return CheckResult(False, None, None, "probe object read back differs from written")
+        latency_ms = (time.perf_counter() - started) * 1000
+        return CheckResult(True, round(latency_ms, 1), await driver.free_bytes(), None)
+    except StorageError as exc:
+        return CheckResult(False, None, None, str(exc))
+    except Exception as exc:  # check() must report, never raise: the API shows the text
+        return CheckResult(False, None, None, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
