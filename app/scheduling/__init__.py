@@ -1,0 +1,53 @@
+"""Pure scheduling rules: run instants, full/incremental planning and retention choice.
+
+No I/O here: everything is a function of its arguments (property-tested in
+``tests/scheduling``).
+"""
+
+from app.scheduling.plan import ChainState, Plan, PlanKind, plan_backup
+from app.scheduling.retention import ChainInfo, chains_to_delete
+from app.scheduling.schedule import (
+    FREQUENCIES,
+    WEEKDAYS,
+    Frequency,
+    Schedule,
+    Weekday,
+    format_hour,
+    is_full_day,
+    local_weekday,
+    schedule_summary,
+)
+from app.scheduling.times import (
+    ZoneLike,
+    missed_slot_action,
+    next_run_at,
+    resolve_zone,
+    run_on_local_date,
+    slot_local_date,
+    upcoming_runs,
+)
+
+__all__ = [
+    "FREQUENCIES",
+    "WEEKDAYS",
+    "ChainInfo",
+    "ChainState",
+    "Frequency",
+    "Plan",
+    "PlanKind",
+    "Schedule",
+    "Weekday",
+    "ZoneLike",
+    "chains_to_delete",
+    "format_hour",
+    "is_full_day",
+    "local_weekday",
+    "missed_slot_action",
+    "next_run_at",
+    "plan_backup",
+    "resolve_zone",
+    "run_on_local_date",
+    "schedule_summary",
+    "slot_local_date",
+    "upcoming_runs",
+]
