@@ -1,0 +1,136 @@
+"""qemu-img mechanics: info, check, compare, rebase and chain rebuild. No libvirt here."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.virt.errors import VirtError
+
+QEMU_IMG = os.environ.get("IBP_QEMU_IMG", "qemu-img")
+# Quick metadata operations vs. operations that copy a whole disk.
+SHORT_TIMEOUT = 120.0
+LONG_TIMEOUT = 6 * 3600.0
+
+_LOCK_ERRORS = ("lock", "Is another process using the image")
+
+
+def run_qemu_img(
+    args: Sequence[str], *, timeout: float = SHORT_TIMEOUT, ok_codes: Sequence[int] = (0,)
+) -> subprocess.CompletedProcess[str]:
+    """Run ``qemu-img ARGS``; VirtError with its output unless the exit code is in ok_codes."""
+    cmd = [QEMU_IMG, *args]
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except FileNotFoundError as exc:
+        raise VirtError(f"{QEMU_IMG} is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise VirtError(f"qemu-img {args[0]} timed out after {timeout:.0f}s") from exc
+    if proc.returncode not in ok_codes:
+        out = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        raise VirtError(
+            f"qemu-img {args[0]} failed (exit {proc.returncode}): {' | '.join(out[-5:])}"
+        )
+    return proc
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info --output=json -U`` of one image (backing files not opened)."""
+    proc = run_qemu_img(["info", "--output=json", "-U", str(path)])
+    info: dict[str, Any] = json.loads(proc.stdout)
+    return info
+
+
+def data_bytes(path: Path) -> int:
+    """Bytes holding data in the top layer of ``path`` (not its backing files)."""
+    proc = run_qemu_img(["map", "--output=json", "-U", str(path)], timeout=LONG_TIMEOUT)
+    total = 0
+    for extent in json.loads(proc.stdout):
+        if extent.get("data") and extent.get("depth", 0) == 0:
+            total += int(extent["length"])
+    return total
+
+
+def wait_unlocked(path: Path, timeout: float = 10.0) -> None:
+    """Wait until no process holds the write lock of ``path`` (pitfall 4).
+
+    QEMU reports a job complete 50-170 ms before it closes the target file.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(
+            [QEMU_IMG, "info", "--output=json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=SHORT_TIMEOUT,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if proc.returncode == 0:
+            return
+        err = proc.stderr.strip()
+        if not any(word in err for word in _LOCK_ERRORS):
+            raise VirtError(f"qemu-img info {path} failed: {err or 'no output'}")
+        if time.monotonic() >= deadline:
+            raise VirtError(f"{path} is still locked by another process after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def rebase_onto(path: Path, parent_name: str) -> None:
+    """Point ``path``'s backing file at ``parent_name`` without touching data (``rebase -u``).
+
+    ``parent_name`` is stored as given: a relative name is resolved from ``path``'s directory.
+    Needed for incremental push targets, whose backing file is the live disk (pitfall 5).
+    """
+    run_qemu_img(["rebase", "-u", "-b", parent_name, "-F", "qcow2", str(path)])
+
+
+def check_image(path: Path) -> None:
+    """``qemu-img check``; VirtError with its output when the image is corrupt.
+
+    Leaked clusters (exit 3) waste space but lose no data, so they pass.
+    """
+    run_qemu_img(["check", "-U", str(path)], timeout=LONG_TIMEOUT, ok_codes=(0, 3))
+
+
+def compare_images(a: Path, b: Path) -> bool:
+    """True when both images show the same guest-visible content (``qemu-img compare -U``)."""
+    proc = run_qemu_img(["compare", "-U", str(a), str(b)], timeout=LONG_TIMEOUT, ok_codes=(0, 1))
+    return proc.returncode == 0
+
+
+def rebuild_chain(files: Sequence[Path], out: Path, out_format: str = "qcow2") -> None:
+    """Turn local files [full, inc1, ..., incN] into one standalone image at ``out``.
+
+    Each incremental is rebased in place (``-u``) onto the previous file, then the last one is
+    converted (the whole chain flattened) to a temporary name beside ``out`` and renamed.
+    """
+    if not files:
+        raise VirtError("rebuild_chain needs at least the full backup file")
+    for f in files:
+        if not f.is_file():
+            raise VirtError(f"backup file {f} is missing")
+    for prev, cur in itertools.pairwise(files):
+        rebase_onto(cur, str(prev.resolve()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        run_qemu_img(["convert", "-O", out_format, str(files[-1]), str(tmp)], timeout=LONG_TIMEOUT)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
