@@ -16,6 +16,10 @@ from typing import Protocol
 # chunks in flight still fits the worker's memory budget.
 CHUNK_SIZE = 8 * 1024 * 1024
 
+# Network reads arrive in small pieces; joining them to 1 MiB keeps consumers'
+# per-chunk costs (thread hops, hashing calls) negligible.
+MIN_READ = 1024 * 1024
+
 # Temporary names written during put(); list() hides them so a half-written
 # upload is never mistaken for a backup file.
 _TEMP_RE = re.compile(r"\.part-[0-9a-f]{16}$")
@@ -143,6 +147,22 @@ async def run_check(driver: BackupStorageDriver) -> CheckResult:
         return CheckResult(False, None, None, str(exc))
     except Exception as exc:  # check() must report, never raise: the API shows the text
         return CheckResult(False, None, None, f"unexpected error: {type(exc).__name__}: {exc}")
+
+
+async def coalesce(chunks: AsyncIterator[bytes], min_size: int = MIN_READ) -> AsyncIterator[bytes]:
+    """Join small reads into chunks of at least `min_size` bytes (the last may be smaller)."""
+    pending: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= min_size:
+            joined = b"".join(pending)
+            pending.clear()
+            size = 0
+            yield joined
+    if pending:
+        yield b"".join(pending)
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -6,16 +6,25 @@ import asyncio
 import contextlib
 import errno
 import os
-from io import BufferedWriter
 from collections.abc import AsyncIterator
+from io import BufferedWriter
 from pathlib import Path
 
-from app.storage.base import CHUNK_SIZE, PutResult, Sha256Counter, StorageError, StorageFull, temp_name
+from app.storage.base import (
+    CHUNK_SIZE,
+    PutResult,
+    Sha256Counter,
+    StorageError,
+    StorageFull,
+    temp_name,
+)
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-async def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+async def iter_file(
+    path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE
+) -> AsyncIterator[bytes]:
     """Stream a file as chunks, reading the next chunk while the consumer handles this one."""
     f = await asyncio.to_thread(open, path, "rb")
     pending: asyncio.Future[bytes] | None = None
@@ -36,7 +45,9 @@ async def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) 
         await asyncio.to_thread(f.close)
 
 
-async def write_stream_to_file(chunks: AsyncIterator[bytes], path: str | os.PathLike[str]) -> PutResult:
+async def write_stream_to_file(
+    chunks: AsyncIterator[bytes], path: str | os.PathLike[str]
+) -> PutResult:
     """Write a stream atomically: temp file in the same dir, fsync, rename, fsync the dir.
 
     On any failure (including cancellation) the temp file is removed and `path` is untouched.

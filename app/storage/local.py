@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +67,7 @@ class LocalDriver:
             raise ObjectNotFound(f"{key} not found in {self.root}") from None
         except OSError as exc:
             raise translate_os_error(exc, f"reading {path}") from exc
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"{key} is not a file in {self.root}")
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
@@ -74,25 +75,9 @@ class LocalDriver:
         validate_prefix(prefix)
         await self._ready()
         try:
-            return await asyncio.to_thread(self._walk, prefix)
+            return await asyncio.to_thread(_walk, self.root, prefix)
         except OSError as exc:
             raise translate_os_error(exc, f"listing {self.root}") from exc
-
-    def _walk(self, prefix: str) -> list[ObjectInfo]:
-        found: list[ObjectInfo] = []
-        start = self.root / prefix_dir(prefix)
-        for dirpath, _dirs, files in os.walk(start):
-            for name in files:
-                full = os.path.join(dirpath, name)
-                key = os.path.relpath(full, self.root).replace(os.sep, "/")
-                if not key.startswith(prefix) or is_temp_name(name):
-                    continue
-                try:
-                    st = os.stat(full)
-                except FileNotFoundError:  # deleted while walking
-                    continue
-                found.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
-        return sorted(found, key=lambda info: info.key)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -132,3 +117,19 @@ class NfsDriver(LocalDriver):
                 f"{self.root} is not a mount point; is the NFS share{share} mounted?"
             )
 
+
+def _walk(root: Path, prefix: str) -> list[ObjectInfo]:
+    found: list[ObjectInfo] = []
+    start = root / prefix_dir(prefix)
+    for dirpath, _dirs, files in os.walk(start):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            key = os.path.relpath(full, root).replace(os.sep, "/")
+            if not key.startswith(prefix) or is_temp_name(name):
+                continue
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:  # deleted while walking
+                continue
+            found.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+    return sorted(found, key=lambda info: info.key)
