@@ -79,7 +79,9 @@ def test_new_york_2am_stays_2am_all_year() -> None:
     # The UTC hour changes with DST: 07:00 UTC in winter, 06:00 UTC in summer.
     assert {r.hour for r in runs if r.month == 1} == {7}
     assert {r.hour for r in runs if r.month == 7} == {6}
-    assert [lt.date() for lt in locals_] == [date(2026, 1, 1) + timedelta(days=i) for i in range(365)]
+    assert [lt.date() for lt in locals_] == [
+        date(2026, 1, 1) + timedelta(days=i) for i in range(365)
+    ]
 
 
 def test_apia_skipped_day_has_no_run() -> None:
