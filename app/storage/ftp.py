@@ -172,13 +172,10 @@ class FtpDriver:
             try:
                 async for entry, info in client.list(start, recursive=True):
                     key = str(PurePosixPath(entry).relative_to(root))
-                    if info.get("type") == "file" and key.startswith(prefix):
-                        if not is_temp_name(key):
-                            found.append(
-                                ObjectInfo(
-                                    key, int(info.get("size", 0)), _modified(info.get("modify"))
-                                )
-                            )
+                    wanted = key.startswith(prefix) and not is_temp_name(key)
+                    if info.get("type") == "file" and wanted:
+                        size = int(info.get("size", 0))
+                        found.append(ObjectInfo(key, size, _modified(info.get("modify"))))
             except aioftp.StatusCodeError as exc:
                 if "550" not in _codes(exc):  # 550: the directory does not exist yet
                     raise self._translate(exc, "listing", str(start)) from None

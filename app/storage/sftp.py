@@ -90,13 +90,13 @@ class SftpDriver:
                     agent_path=None,  # only the configured credentials, never the worker's agent
                     config=[],
                     encryption_algs=_CIPHERS,
-                    compression_algs=None,  # qcow2 data gains little; compression would cap throughput
+                    compression_algs=None,  # compression would cap throughput far below the link
                     connect_timeout=15,
                     keepalive_interval=30,
                 )
             except asyncssh.HostKeyNotVerifiable:
                 raise StorageUnreachable(
-                    f"SFTP host key mismatch for {self._where}: the server's key is not the pinned host_key"
+                    f"SFTP host key mismatch for {self._where} (not the pinned host_key)"
                 ) from None
             except asyncssh.PermissionDenied:
                 raise StorageUnreachable(
@@ -143,7 +143,7 @@ class SftpDriver:
         counter = Sha256Counter()
         try:
             await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
-            async with sftp.open(tmp, "wb") as f:
+            async with sftp.open(tmp, "wb", encoding=None) as f:
                 async for chunk in chunks:
                     # Hash in a thread while the write is on the wire.
                     await asyncio.gather(asyncio.to_thread(counter.update, chunk), f.write(chunk))
@@ -171,7 +171,7 @@ class SftpDriver:
         path = self._path(key)
         sftp = await self._client()
         try:
-            async with sftp.open(path, "rb") as f:
+            async with sftp.open(path, "rb", encoding=None) as f:
                 while chunk := await f.read(CHUNK_SIZE):
                     yield chunk
         except (asyncssh.Error, OSError) as exc:
@@ -230,7 +230,7 @@ class SftpDriver:
             vfs = await sftp.statvfs(self.root)
         except (StorageError, asyncssh.Error, OSError):
             return None  # statvfs is an OpenSSH extension; other servers cannot tell
-        return int(vfs.f_bavail * vfs.f_frsize)
+        return int(vfs.bavail * vfs.frsize)
 
     async def check(self) -> CheckResult:
         return await run_check(self)
