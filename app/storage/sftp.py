@@ -8,7 +8,7 @@ import posixpath
 import stat
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 
@@ -172,7 +172,8 @@ class SftpDriver:
         sftp = await self._client()
         try:
             async with sftp.open(path, "rb", encoding=None) as f:
-                while chunk := await f.read(CHUNK_SIZE):
+                # encoding=None makes reads bytes; asyncssh types them as AnyStr.
+                while chunk := cast(bytes, await f.read(CHUNK_SIZE)):
                     yield chunk
         except (asyncssh.Error, OSError) as exc:
             raise await self._translate(exc, "reading", path) from None
