@@ -7,13 +7,15 @@ and recorded, so ``destroy_created_vms()`` can clean up what this process made (
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import libvirt
 import libvirt_qemu
@@ -39,6 +41,16 @@ class VM:
 
     def disk(self, target: str) -> Path:
         return self.disks[target]
+
+
+class VMFactory(Protocol):
+    def __call__(
+        self,
+        label: str = ...,
+        disks: list[tuple[str, int]] | None = ...,
+        start: bool = ...,
+        fill_from: dict[str, Path] | None = ...,
+    ) -> VM: ...
 
 
 def ensure_libvirtd() -> None:
@@ -248,3 +260,27 @@ def destroy_created_vms() -> list[str]:
     for name in names:
         destroy_vm(name)
     return names
+
+
+def start_vm(name: str) -> None:
+    conn = _conn()
+    try:
+        conn.lookupByName(name).create()
+    finally:
+        conn.close()
+
+
+def kill_qemu(name: str, timeout: float = 10.0) -> None:
+    """SIGKILL the domain's QEMU process (a host crash, as far as its disks can tell)."""
+    pid = qemu_pid(name)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    conn = _conn()
+    try:
+        dom = conn.lookupByName(name)
+        while dom.isActive():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} still active {timeout}s after SIGKILL of QEMU")
+            time.sleep(0.05)
+    finally:
+        conn.close()
