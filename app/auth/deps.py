@@ -1,0 +1,34 @@
+"""Who is asking: the bearer token's user, and the admin-only guard."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.auth import service
+from app.db import SessionDep
+from app.errors import Forbidden, Unauthorized
+from app.models import User
+
+bearer = HTTPBearer(auto_error=False, description="Session token from login, or an API token.")
+
+
+async def current_user(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> User:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("Missing bearer token")
+    return await service.authenticate(session, credentials.credentials)
+
+
+async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
+    if not user.is_admin:
+        raise Forbidden("This operation is for administrators only")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+AdminUser = Annotated[User, Depends(admin_user)]

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from fastapi import APIRouter, Request, status
+
+from app.auth import service
+from app.auth.deps import CurrentUser
+from app.auth.schemas import (
+    AccessToken,
+    ApiTokenCreate,
+    ApiTokenCreated,
+    ApiTokenRead,
+    LoginRequest,
+)
+from app.db import SessionDep
+from app.errors import problem_responses
+from app.models import ApiToken
+from app.schemas import Page, PageDep, fetch_page
+
+auth_router = APIRouter(prefix="/auth", tags=["auth"], responses=problem_responses(401, 422))
+tokens_router = APIRouter(
+    prefix="/tokens", tags=["tokens"], responses=problem_responses(401, 404, 422)
+)
+
+
+@auth_router.post("/login", summary="Log in and get a session token")
+async def login(payload: LoginRequest, session: SessionDep, request: Request) -> AccessToken:
+    hours = request.app.state.settings.session_lifetime_hours
+    token, expires_at = await service.login(
+        session, payload.email, payload.password, timedelta(hours=hours)
+    )
+    return AccessToken(access_token=token, expires_at=expires_at)
+
+
+@tokens_router.get("", name="list", summary="List your personal API tokens")
+async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Page[ApiTokenRead]:
+    stmt = service.personal_tokens(user).order_by(ApiToken.created_at.desc(), ApiToken.id)
+    rows, total = await fetch_page(session, stmt, page)
+    items = [ApiTokenRead.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@tokens_router.post(
+    "", status_code=status.HTTP_201_CREATED, summary="Create a personal API token (shown once)"
+)
+async def create(
+    payload: ApiTokenCreate, session: SessionDep, user: CurrentUser
+) -> ApiTokenCreated:
+    row, token = await service.create_token(session, user, payload)
+    return ApiTokenCreated(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        token=token,
+    )
+
+
+@tokens_router.delete(
+    "/{token_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Revoke a personal API token"
+)
+async def delete(token_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> None:
+    await service.revoke_token(session, user, token_id)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from app.auth.deps import CurrentUser
+from app.backups import service
+from app.backups.schemas import BackupDeletion, BackupRead, BackupStatus, BackupType
+from app.db import JobQueueDep, SessionDep
+from app.errors import problem_responses
+from app.instances.service import get_instance
+from app.schemas import Page, PageDep, fetch_page
+
+router = APIRouter(tags=["backups"], responses=problem_responses(401, 404, 422))
+
+StatusFilter = Annotated[BackupStatus | None, Query(alias="status")]
+TypeFilter = Annotated[BackupType | None, Query(alias="type")]
+
+
+@router.get("/instances/{instance_id}/backups", summary="List an instance's backups")
+async def list_for_instance(
+    instance_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    status_: StatusFilter = None,
+    type_: TypeFilter = None,
+) -> Page[BackupRead]:
+    instance = await get_instance(session, user, instance_id)
+    stmt = service.list_statement(user, instance_id=instance.id, status=status_, type_=type_)
+    rows, total = await fetch_page(session, stmt, page)
+    items = await service.to_reads(session, rows)
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get("/backups/{backup_id}", summary="Read a backup")
+async def read(backup_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> BackupRead:
+    return await service.read_backup(session, user, backup_id)
+
+
+@router.delete(
+    "/backups/{backup_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Delete a backup (and, with cascade, the backups that depend on it)",
+    responses=problem_responses(409),
+)
+async def delete(
+    backup_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    jobs: JobQueueDep,
+    cascade: Annotated[
+        bool, Query(description="Also delete later backups of the chain that need this one.")
+    ] = False,
+) -> BackupDeletion:
+    return await service.delete_backup(session, user, backup_id, cascade, jobs)

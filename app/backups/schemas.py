@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+BackupType = Literal["full", "incremental"]
+BackupStatus = Literal["pending", "in_progress", "completed", "failed", "deleting"]
+
+
+class BackupFileRead(BaseModel):
+    disk: str
+    size_bytes: int
+    sha256: str
+
+
+class BackupRead(BaseModel):
+    id: uuid.UUID
+    instance_id: uuid.UUID
+    instance_name: str
+    policy_id: uuid.UUID | None
+    chain_id: uuid.UUID | None
+    parent_id: uuid.UUID | None
+    type: BackupType
+    status: BackupStatus
+    manual: bool = Field(description="Taken with 'Backup now' rather than by the schedule.")
+    backup_device: Literal["primary", "all"]
+    size_bytes: int | None
+    size_human: str | None = Field(examples=["12.4 GB"])
+    progress: int | None = Field(description="0-100 while in progress.")
+    scheduled_for: datetime
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    error: str | None
+    plan_reason: str | None = Field(description="Why this backup is a full or an incremental.")
+    chain_reset_reason: str | None = Field(
+        description="Set when a full had to start a new chain (lost checkpoint, disk change...)."
+    )
+    verified_at: datetime | None
+    verify_ok: bool | None
+    verify_error: str | None
+    files: list[BackupFileRead]
+    monthly_cost: str | None = Field(description="Decimal string; null without backup pricing.")
+    hourly_cost: str | None = Field(description="monthly_cost / 730, decimal string.")
+
+
+class BackupDeletion(BaseModel):
+    backup_ids: list[uuid.UUID] = Field(description="Every backup being deleted, dependants too.")
+    status: Literal["deleting"] = "deleting"

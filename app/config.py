@@ -1,0 +1,44 @@
+"""Settings from the environment (prefix IBP_); the one place configuration is read."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IBP_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/ibp"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    secret_key: str = PLACEHOLDER_SECRET
+    session_lifetime_hours: float = Field(default=12.0, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)
+    db_pool_size: int = Field(default=10, ge=1)
+    # Scheduler knobs (see ARCHITECTURE.md: catch-up, stale work).
+    catch_up_grace_hours: float = Field(default=6.0, ge=0)
+    stale_backup_minutes: float = Field(default=15.0, gt=0)
+    # Where local-disk storage lives when the service is started by the README's one command.
+    data_dir: str = "./var"
+
+    @model_validator(mode="after")
+    def _refuse_weak_secret(self) -> Settings:
+        weak = not self.secret_key or self.secret_key == PLACEHOLDER_SECRET
+        if self.environment != "development" and (weak or len(self.secret_key) < 32):
+            raise ValueError(
+                "IBP_SECRET_KEY is missing, the placeholder, or shorter than 32 characters. "
+                "It encrypts storage secrets and must be set to a long random value outside "
+                "development: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

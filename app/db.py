@@ -1,0 +1,89 @@
+"""Engine and session builders; sessions commit at the edge and jobs are enqueued after commit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from arq.connections import ArqRedis
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from app.config import Settings
+
+
+def build_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_pre_ping=True,
+    )
+
+
+def build_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+@dataclass(frozen=True)
+class Job:
+    function: str
+    args: tuple[Any, ...]
+    job_id: str | None
+    queue_name: str
+
+
+@dataclass
+class JobQueue:
+    """Jobs a request wants enqueued; sent only after its transaction committed."""
+
+    jobs: list[Job] = field(default_factory=list)
+
+    def add(self, function: str, *args: Any, queue_name: str, job_id: str | None = None) -> None:
+        self.jobs.append(Job(function, args, job_id, queue_name))
+
+    async def flush(self, redis: ArqRedis | None) -> None:
+        jobs, self.jobs = self.jobs, []
+        if redis is None:
+            return
+        for job in jobs:
+            await redis.enqueue_job(
+                job.function, *job.args, _job_id=job.job_id, _queue_name=job.queue_name
+            )
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    queue = JobQueue()
+    request.state.job_queue = queue
+    async with sessionmaker() as session:
+        yield session
+        await session.commit()
+    await queue.flush(request.app.state.arq)
+
+
+def get_job_queue(request: Request, _: AsyncSession = Depends(get_session)) -> JobQueue:
+    queue: JobQueue = request.state.job_queue
+    return queue
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+
+
+async def flush_or_conflict(session: AsyncSession, message: str) -> None:
+    """Flush, turning a unique-constraint violation into a 409 with the given words."""
+    from sqlalchemy.exc import IntegrityError
+
+    from app.errors import Conflict
+
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        raise Conflict(message) from exc

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+
+from app.auth.deps import AdminUser, CurrentUser
+from app.db import SessionDep
+from app.errors import problem_responses
+from app.instances import service
+from app.instances.schemas import InstanceCreate, InstanceRead, InstanceStatus, InstanceUpdate
+from app.schemas import Page, PageDep, fetch_page
+
+router = APIRouter(
+    prefix="/instances", tags=["instances"], responses=problem_responses(401, 404, 422)
+)
+
+
+@router.get("", name="list", summary="List instances (yours; admins see all)")
+async def list_all(
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
+    status: Annotated[InstanceStatus | None, Query()] = None,
+) -> Page[InstanceRead]:
+    rows, total = await fetch_page(session, service.list_statement(user, owner_id, status), page)
+    items = [InstanceRead.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Register an instance (admin)",
+    responses=problem_responses(403, 409),
+)
+async def create(payload: InstanceCreate, session: SessionDep, _: AdminUser) -> InstanceRead:
+    instance = await service.create_instance(session, payload)
+    return InstanceRead.model_validate(instance)
+
+
+@router.get("/{instance_id}", summary="Read an instance")
+async def read(instance_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> InstanceRead:
+    return InstanceRead.model_validate(await service.get_instance(session, user, instance_id))
+
+
+@router.patch(
+    "/{instance_id}", summary="Update an instance (admin)", responses=problem_responses(403, 409)
+)
+async def update(
+    instance_id: uuid.UUID, payload: InstanceUpdate, session: SessionDep, admin: AdminUser
+) -> InstanceRead:
+    instance = await service.get_instance(session, admin, instance_id, for_update=True)
+    return InstanceRead.model_validate(await service.update_instance(session, instance, payload))
+
+
+@router.delete(
+    "/{instance_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete an instance (admin)",
+    responses=problem_responses(403, 409),
+)
+async def delete(instance_id: uuid.UUID, session: SessionDep, admin: AdminUser) -> None:
+    await service.delete_instance(session, await service.get_instance(session, admin, instance_id))

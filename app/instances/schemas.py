@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from app.schemas import Schema
+
+InstanceStatus = Literal["deployed", "suspended", "stopped", "building", "error"]
+
+
+class DiskSpec(Schema):
+    target: str = Field(pattern=r"^[a-z]{1,4}[a-z0-9]{1,6}$", examples=["vda"])
+    boot: bool = False
+    size_bytes: int = Field(ge=0, le=2**60)
+
+
+def _one_boot_disk(disks: list[DiskSpec]) -> list[DiskSpec]:
+    targets = [d.target for d in disks]
+    if len(set(targets)) != len(targets):
+        raise ValueError("disk targets must be unique")
+    if disks and sum(d.boot for d in disks) != 1:
+        raise ValueError("exactly one disk must be the boot disk")
+    return disks
+
+
+class InstanceRead(Schema):
+    id: uuid.UUID
+    name: str
+    owner_id: uuid.UUID
+    hypervisor_id: uuid.UUID
+    domain_name: str
+    status: str
+    disks: list[DiskSpec]
+    backup_policy_id: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class InstanceBrief(Schema):
+    id: uuid.UUID
+    name: str
+    status: str
+
+
+class InstanceCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    owner_id: uuid.UUID
+    hypervisor_id: uuid.UUID
+    domain_name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s/\x00]+$")
+    status: InstanceStatus = "deployed"
+    disks: list[DiskSpec] = Field(default_factory=list, max_length=64)
+
+    _disks = field_validator("disks")(_one_boot_disk)
+
+
+class InstanceUpdate(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    owner_id: uuid.UUID | None = Field(
+        default=None, description="Changing the owner detaches the instance from its policy."
+    )
+    hypervisor_id: uuid.UUID | None = None
+    domain_name: str | None = Field(
+        default=None, min_length=1, max_length=200, pattern=r"^[^\s/\x00]+$"
+    )
+    status: InstanceStatus | None = None
+    disks: list[DiskSpec] | None = Field(default=None, max_length=64)
+
+    @field_validator("disks")
+    @classmethod
+    def _check_disks(cls, disks: list[DiskSpec] | None) -> list[DiskSpec] | None:
+        return None if disks is None else _one_boot_disk(disks)

@@ -1,0 +1,111 @@
+"""Instances (VMs) as the platform reports them; users read their own, admins manage all."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from app.db import flush_or_conflict
+from app.errors import Conflict, NotFound, Unprocessable
+from app.instances.schemas import InstanceCreate, InstanceUpdate
+from app.models import Backup, Hypervisor, Instance, InstanceDisk, User
+
+
+def readable_instances(user: User) -> Select[Instance]:
+    """Every instance query goes through here: users see only their own rows."""
+    stmt = select(Instance)
+    if not user.is_admin:
+        stmt = stmt.where(Instance.owner_id == user.id)
+    return stmt
+
+
+def list_statement(user: User, owner_id: uuid.UUID | None, status: str | None) -> Select[Instance]:
+    stmt = readable_instances(user).options(selectinload(Instance.disks))
+    if owner_id is not None:
+        stmt = stmt.where(Instance.owner_id == owner_id)
+    if status is not None:
+        stmt = stmt.where(Instance.status == status)
+    return stmt.order_by(Instance.created_at, Instance.id)
+
+
+async def get_instance(
+    session: AsyncSession, user: User, instance_id: uuid.UUID, *, for_update: bool = False
+) -> Instance:
+    stmt = (
+        readable_instances(user)
+        .where(Instance.id == instance_id)
+        .options(selectinload(Instance.disks))
+    )
+    if for_update:
+        stmt = stmt.with_for_update()
+    instance = await session.scalar(stmt)
+    if instance is None:
+        raise NotFound("Instance not found")
+    return instance
+
+
+def _ref_error(field: str, message: str) -> Unprocessable:
+    return Unprocessable(
+        f"{field}: {message}", errors=[{"field": field, "message": message, "type": "reference"}]
+    )
+
+
+async def _check_refs(
+    session: AsyncSession, owner_id: uuid.UUID | None, hypervisor_id: uuid.UUID | None
+) -> None:
+    if owner_id is not None and await session.get(User, owner_id) is None:
+        raise _ref_error("owner_id", "no such user")
+    if hypervisor_id is not None and await session.get(Hypervisor, hypervisor_id) is None:
+        raise _ref_error("hypervisor_id", "no such hypervisor")
+
+
+async def create_instance(session: AsyncSession, payload: InstanceCreate) -> Instance:
+    await _check_refs(session, payload.owner_id, payload.hypervisor_id)
+    instance = Instance(
+        id=uuid.uuid4(),
+        name=payload.name,
+        owner_id=payload.owner_id,
+        hypervisor_id=payload.hypervisor_id,
+        domain_name=payload.domain_name,
+        status=payload.status,
+        disks=[InstanceDisk(id=uuid.uuid4(), **d.model_dump()) for d in payload.disks],
+    )
+    session.add(instance)
+    await flush_or_conflict(
+        session, "That hypervisor already has an instance with this domain name"
+    )
+    return instance
+
+
+async def update_instance(
+    session: AsyncSession, instance: Instance, payload: InstanceUpdate
+) -> Instance:
+    changes = payload.model_dump(exclude_unset=True, exclude={"disks"})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    await _check_refs(session, changes.get("owner_id"), changes.get("hypervisor_id"))
+    if "owner_id" in changes and changes["owner_id"] != instance.owner_id:
+        instance.backup_policy_id = None  # a policy never covers someone else's instance
+    for key, value in changes.items():
+        setattr(instance, key, value)
+    if payload.disks is not None:
+        await session.execute(delete(InstanceDisk).where(InstanceDisk.instance_id == instance.id))
+        instance.disks = [
+            InstanceDisk(id=uuid.uuid4(), instance_id=instance.id, **d.model_dump())
+            for d in payload.disks
+        ]
+    await flush_or_conflict(
+        session, "That hypervisor already has an instance with this domain name"
+    )
+    return instance
+
+
+async def delete_instance(session: AsyncSession, instance: Instance) -> None:
+    backups = await session.scalar(
+        select(func.count()).select_from(Backup).where(Backup.instance_id == instance.id)
+    )
+    if backups:
+        raise Conflict(f"Instance still has {backups} backup(s); delete them first")
+    await session.delete(instance)

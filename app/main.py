@@ -1,0 +1,97 @@
+"""The FastAPI application: lifespan resources, routers under /api/v1, problem responses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from arq import create_pool
+from arq.connections import RedisSettings
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
+
+from app.auth.router import auth_router, tokens_router
+from app.backups.router import router as backups_router
+from app.config import Settings, get_settings
+from app.db import build_engine, build_sessionmaker
+from app.errors import install_error_handlers
+from app.hypervisors.router import router as hypervisors_router
+from app.instances.router import router as instances_router
+from app.locations.router import router as locations_router
+from app.policies.router import router as policies_router
+from app.storages.router import router as storages_router
+from app.users.router import me_router, users_router
+
+API_PREFIX = "/api/v1"
+
+
+def _operation_id(route: APIRoute) -> str:
+    tag = str(route.tags[0]) if route.tags else "default"
+    return f"{tag.replace('-', '_')}_{route.name}"
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    owned_engine = None
+    if getattr(app.state, "sessionmaker", None) is None:
+        owned_engine = build_engine(settings)
+        app.state.sessionmaker = build_sessionmaker(owned_engine)
+    owned_arq = None
+    if getattr(app.state, "arq", None) is None:
+        owned_arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        app.state.arq = owned_arq
+    try:
+        yield
+    finally:
+        if owned_arq is not None:
+            await owned_arq.aclose()
+        if owned_engine is not None:
+            await owned_engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Instance Backup Policies",
+        version="1.0.0",
+        summary="Automated full and incremental backups of VMs, on a schedule you set once.",
+        lifespan=_lifespan,
+        generate_unique_id_function=_operation_id,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = None
+    app.state.arq = None
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    api = APIRouter(prefix=API_PREFIX)
+    for router in (
+        auth_router,
+        tokens_router,
+        me_router,
+        users_router,
+        locations_router,
+        storages_router,
+        hypervisors_router,
+        instances_router,
+        policies_router,
+        backups_router,
+    ):
+        api.include_router(router)
+
+    @api.get("/health", tags=["health"], name="get", summary="Liveness (no database access)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.include_router(api)
+    return app

@@ -1,0 +1,22 @@
+"""All ORM tables, in one package so Alembic and every service see the same metadata."""
+
+from app.models.backup import Backup, BackupChain, BackupFile
+from app.models.base import Base
+from app.models.inventory import BackupStorage, Hypervisor, Instance, InstanceDisk, Location
+from app.models.policy import BackupPolicy
+from app.models.user import ApiToken, User
+
+__all__ = [
+    "ApiToken",
+    "Backup",
+    "BackupChain",
+    "BackupFile",
+    "BackupPolicy",
+    "BackupStorage",
+    "Base",
+    "Hypervisor",
+    "Instance",
+    "InstanceDisk",
+    "Location",
+    "User",
+]

@@ -1,0 +1,93 @@
+"""The platform's inventory: locations, backup storages, hypervisors, instances and their disks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.models.base import Base, IdMixin, TimestampMixin
+
+STORAGE_KINDS = ("local", "nfs", "s3", "sftp", "ftp")
+
+
+class Location(IdMixin, TimestampMixin, Base):
+    __tablename__ = "locations"
+
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    backup_price_per_gb_month: Mapped[Decimal | None] = mapped_column(Numeric(14, 6))
+
+
+class BackupStorage(IdMixin, TimestampMixin, Base):
+    __tablename__ = "backup_storages"
+    __table_args__ = (
+        CheckConstraint(f"kind IN {STORAGE_KINDS!r}", name="kind"),
+        CheckConstraint("status IN ('unknown', 'ok', 'error')", name="status"),
+    )
+
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    # Non-secret settings only; secrets live encrypted in `secrets_encrypted`.
+    config: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    secrets_encrypted: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_checked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Hypervisor(IdMixin, TimestampMixin, Base):
+    __tablename__ = "hypervisors"
+    __table_args__ = (CheckConstraint("max_concurrent_backups >= 1", name="max_concurrent"),)
+
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    location_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("locations.id"), index=True)
+    libvirt_uri: Mapped[str] = mapped_column(String(500), default="qemu:///system")
+    backup_storage_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backup_storages.id"), index=True
+    )
+    max_concurrent_backups: Mapped[int] = mapped_column(default=2)
+    scratch_dir: Mapped[str] = mapped_column(String(1000), default="/var/lib/ibp/scratch")
+
+
+class Instance(IdMixin, TimestampMixin, Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("hypervisor_id", "domain_name", name="uq_instances_hypervisor_domain"),
+    )
+
+    name: Mapped[str] = mapped_column(String(200))
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    hypervisor_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hypervisors.id"), index=True)
+    domain_name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(32), default="deployed")
+    # One column, so "one policy per instance" cannot be broken by any race.
+    backup_policy_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backup_policies.id", ondelete="SET NULL"), index=True
+    )
+
+    disks: Mapped[list[InstanceDisk]] = relationship(
+        lazy="raise", cascade="all, delete-orphan", order_by="InstanceDisk.target"
+    )
+
+
+class InstanceDisk(IdMixin, Base):
+    __tablename__ = "instance_disks"
+    __table_args__ = (UniqueConstraint("instance_id", "target"),)
+
+    instance_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    target: Mapped[str] = mapped_column(String(32))
+    boot: Mapped[bool] = mapped_column(default=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -1,0 +1,53 @@
+"""Backup policies: the schedule (owner's local hour), chain length, retention, status."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, IdMixin, TimestampMixin
+
+WEEKDAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+
+
+class BackupPolicy(IdMixin, TimestampMixin, Base):
+    __tablename__ = "backup_policies"
+    __table_args__ = (
+        CheckConstraint("frequency IN ('daily', 'weekly')", name="frequency"),
+        CheckConstraint("hour BETWEEN 0 AND 23", name="hour"),
+        CheckConstraint(
+            "(frequency = 'weekly') = (day_of_week IS NOT NULL)", name="weekly_needs_day"
+        ),
+        CheckConstraint(f"day_of_week IS NULL OR day_of_week IN {WEEKDAYS!r}", name="weekday"),
+        CheckConstraint("max_incremental_chain BETWEEN 0 AND 30", name="chain"),
+        CheckConstraint("retention_count BETWEEN 1 AND 365", name="retention"),
+        CheckConstraint("backup_device IN ('primary', 'all')", name="device"),
+        CheckConstraint("status IN ('active', 'paused', 'error')", name="status"),
+        # The tick finds due policies through this index, never by scanning all of them.
+        Index(
+            "ix_backup_policies_due",
+            "next_run_at",
+            postgresql_where="status <> 'paused'",
+        ),
+        Index("ix_backup_policies_owner_created", "owner_id", "created_at"),
+    )
+
+    owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    frequency: Mapped[str] = mapped_column(String(16))
+    hour: Mapped[int] = mapped_column()
+    day_of_week: Mapped[str | None] = mapped_column(String(16))
+    max_incremental_chain: Mapped[int] = mapped_column(default=6)
+    retention_count: Mapped[int] = mapped_column(default=3)
+    backup_device: Mapped[str] = mapped_column(String(16), default="primary")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_at: Mapped[datetime | None] = mapped_column()
+    next_run_at: Mapped[datetime | None] = mapped_column()
+    # Runs the scheduler skipped (overlap, chain full, missed during downtime): visible, not silent.
+    skipped_runs: Mapped[int] = mapped_column(default=0)
+    last_skip_reason: Mapped[str | None] = mapped_column(Text)
+    last_skip_at: Mapped[datetime | None] = mapped_column()

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from app.auth.deps import CurrentUser
+from app.backups import service as backups
+from app.backups.router import StatusFilter, TypeFilter
+from app.backups.schemas import BackupRead
+from app.db import SessionDep
+from app.errors import problem_responses
+from app.instances.schemas import InstanceBrief
+from app.policies import service
+from app.policies.schemas import AttachRequest, PolicyCreate, PolicyRead, PolicyStatus, PolicyUpdate
+from app.schemas import Page, PageDep, fetch_page
+
+router = APIRouter(
+    prefix="/backup-policies",
+    tags=["backup-policies"],
+    responses=problem_responses(401, 404, 422),
+)
+
+
+@router.get("", name="list", summary="List backup policies (yours; admins see all)")
+async def list_all(
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
+    status: Annotated[PolicyStatus | None, Query()] = None,
+) -> Page[PolicyRead]:
+    rows, total = await fetch_page(session, service.list_statement(user, owner_id, status), page)
+    items = [service.to_read(*row) for row in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a backup policy",
+    responses=problem_responses(403),
+)
+async def create(payload: PolicyCreate, session: SessionDep, user: CurrentUser) -> PolicyRead:
+    return await service.create_policy(session, user, payload)
+
+
+@router.get("/{policy_id}", summary="Read a backup policy")
+async def read(policy_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> PolicyRead:
+    return await service.read_policy(session, user, policy_id)
+
+
+@router.patch("/{policy_id}", summary="Edit, pause or resume a backup policy")
+async def update(
+    policy_id: uuid.UUID, payload: PolicyUpdate, session: SessionDep, user: CurrentUser
+) -> PolicyRead:
+    return await service.update_policy(session, user, policy_id, payload)
+
+
+@router.delete(
+    "/{policy_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a backup policy (its instances are detached, its backups kept)",
+)
+async def delete(policy_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> None:
+    await service.delete_policy(session, user, policy_id)
+
+
+@router.get("/{policy_id}/instances", summary="Instances attached to the policy")
+async def list_instances(
+    policy_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
+) -> Page[InstanceBrief]:
+    policy = await service.get_policy(session, user, policy_id)
+    rows, total = await fetch_page(session, service.attached_instances(policy), page)
+    items = [InstanceBrief.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.get(
+    "/{policy_id}/attachable-instances",
+    summary="The owner's instances attached to no policy (the Attach dropdown)",
+)
+async def list_attachable_instances(
+    policy_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
+) -> Page[InstanceBrief]:
+    policy = await service.get_policy(session, user, policy_id)
+    rows, total = await fetch_page(session, service.attachable_instances(policy), page)
+    items = [InstanceBrief.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@router.post(
+    "/{policy_id}/instances",
+    status_code=status.HTTP_201_CREATED,
+    summary="Attach an instance (201; 200 when it already was attached here)",
+    responses={
+        200: {"model": InstanceBrief, "description": "Already attached to this policy"},
+        **problem_responses(409),
+    },
+)
+async def attach_instance(
+    policy_id: uuid.UUID,
+    payload: AttachRequest,
+    session: SessionDep,
+    user: CurrentUser,
+    response: Response,
+) -> InstanceBrief:
+    instance, created = await service.attach_instance(session, user, policy_id, payload.instance_id)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return InstanceBrief.model_validate(instance)
+
+
+@router.delete(
+    "/{policy_id}/instances/{instance_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Detach an instance (its backups are kept)",
+)
+async def detach_instance(
+    policy_id: uuid.UUID, instance_id: uuid.UUID, session: SessionDep, user: CurrentUser
+) -> None:
+    await service.detach_instance(session, user, policy_id, instance_id)
+
+
+@router.get("/{policy_id}/backups", summary="Backups this policy produced")
+async def list_backups(
+    policy_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    page: PageDep,
+    status_: StatusFilter = None,
+    type_: TypeFilter = None,
+) -> Page[BackupRead]:
+    policy = await service.get_policy(session, user, policy_id)
+    stmt = backups.list_statement(user, policy_id=policy.id, status=status_, type_=type_)
+    rows, total = await fetch_page(session, stmt, page)
+    items = await backups.to_reads(session, rows)
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from app.schemas import Schema
+
+Frequency = Literal["daily", "weekly"]
+Weekday = Literal["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+BackupDevice = Literal["primary", "all"]
+PolicyStatus = Literal["active", "paused", "error"]
+
+
+class PolicySchedule(Schema):
+    frequency: Frequency
+    hour: int = Field(ge=0, le=23, description="Hour of day in the owner's time zone (0-23).")
+    day_of_week: Weekday | None = Field(
+        default=None, description="Required for weekly schedules; must be absent for daily."
+    )
+
+    @model_validator(mode="after")
+    def _weekday_matches_frequency(self) -> PolicySchedule:
+        if self.frequency == "weekly" and self.day_of_week is None:
+            raise ValueError("day_of_week is required for a weekly schedule")
+        if self.frequency == "daily" and self.day_of_week is not None:
+            raise ValueError("day_of_week must be null for a daily schedule")
+        return self
+
+
+class PolicyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    owner_id: uuid.UUID | None = Field(
+        default=None, description="Admins may create a policy for any user; default: you."
+    )
+    schedule: PolicySchedule
+    max_incremental_chain: int = Field(default=6, ge=0, le=30)
+    retention_count: int = Field(default=3, ge=1, le=365)
+    backup_device: BackupDevice = "primary"
+
+
+class PolicyUpdate(BaseModel):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    schedule: PolicySchedule | None = None
+    max_incremental_chain: int | None = Field(default=None, ge=0, le=30)
+    retention_count: int | None = Field(default=None, ge=1, le=365)
+    backup_device: BackupDevice | None = None
+    status: Literal["active", "paused"] | None = Field(
+        default=None, description="Pause or resume. 'error' is set by the system only."
+    )
+
+
+class PolicyRead(Schema):
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    name: str
+    status: PolicyStatus
+    schedule: PolicySchedule
+    schedule_summary: str = Field(examples=["Daily at 2:00 AM"])
+    timezone: str = Field(description="The owner's IANA time zone; the hour is local to it.")
+    max_incremental_chain: int
+    retention_count: int
+    backup_device: BackupDevice
+    instance_count: int
+    last_error: str | None
+    last_error_at: datetime | None
+    next_run_at: datetime | None = Field(description="Next scheduled run (UTC).")
+    skipped_runs: int = Field(description="Runs the scheduler skipped (overlap, downtime, ...).")
+    last_skip_reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AttachRequest(BaseModel):
+    instance_id: uuid.UUID
+
+
+class SchedulePreviewRun(BaseModel):
+    at: datetime = Field(description="UTC instant of the run.")
+    local_time: datetime = Field(description="The same instant in the owner's zone, with offset.")
+    type: Literal["full", "incremental"]

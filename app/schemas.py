@@ -1,0 +1,102 @@
+"""Schema pieces every area shares: the ORM base model, pages, time zones, sizes and money."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple, Unpack
+from zoneinfo import available_timezones
+
+from fastapi import Depends, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class PageParams(BaseModel):
+    limit: int
+    offset: int
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")] = 0,
+) -> PageParams:
+    return PageParams(limit=limit, offset=offset)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]
+
+
+async def fetch_page(
+    session: AsyncSession, stmt: Select[Unpack[Ts]], params: PageParams
+) -> tuple[list[Any], int]:
+    """Rows of one page and the total, in two queries whatever the page holds."""
+    total = await session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    rows = (await session.execute(stmt.limit(params.limit).offset(params.offset))).all()
+    return list(rows), int(total or 0)
+
+
+@lru_cache(maxsize=1)
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _check_zone(name: str) -> str:
+    if name not in _zones():
+        raise ValueError(f"'{name}' is not an IANA time zone name (e.g. 'Europe/Berlin')")
+    return name
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
+
+_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+GIB = Decimal(1024**3)
+HOURS_PER_MONTH = Decimal(730)
+
+
+def size_human(size_bytes: int | None) -> str | None:
+    """Binary units with decimal-looking names, as control panels show them: 12.4 GB."""
+    if size_bytes is None:
+        return None
+    value = float(size_bytes)
+    for unit in _UNITS:
+        if value < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def backup_costs(size_bytes: int | None, price: Decimal | None) -> tuple[str | None, str | None]:
+    """(monthly, hourly) cost as decimal strings, or (None, None) without a price."""
+    if price is None or size_bytes is None:
+        return None, None
+    monthly = Decimal(size_bytes) / GIB * price
+    hourly = monthly / HOURS_PER_MONTH
+    return (
+        str(monthly.quantize(Decimal("0.0001"), ROUND_HALF_UP)),
+        str(hourly.quantize(Decimal("0.000001"), ROUND_HALF_UP)),
+    )
+
+
+def _decimal_text(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+DecimalString = Annotated[
+    Decimal, PlainSerializer(_decimal_text, return_type=str, when_used="json")
+]

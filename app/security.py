@@ -1,0 +1,75 @@
+"""Password hashing (argon2), opaque bearer tokens, and encryption of storage secrets at rest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from functools import lru_cache
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pwdlib import PasswordHash
+
+_password_hash = PasswordHash.recommended()
+
+SESSION_PREFIX = "ibps_"
+PERSONAL_PREFIX = "ibpt_"
+
+
+def hash_password(password: str) -> str:
+    return _password_hash.hash(password)
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    return _password_hash.verify(password, password_hash)
+
+
+# A fixed hash to verify against when the email is unknown, so timing does not reveal accounts.
+DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def new_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SecretBox:
+    """Encrypts storage secrets with a key derived from IBP_SECRET_KEY (Fernet: AES + HMAC)."""
+
+    def __init__(self, secret_key: str) -> None:
+        key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=b"ibp-storage-secrets", info=b"fernet-v1"
+        ).derive(secret_key.encode())
+        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+
+    def encrypt(self, values: dict[str, Any]) -> str:
+        return self._fernet.encrypt(json.dumps(values).encode()).decode()
+
+    def decrypt(self, blob: str | None) -> dict[str, Any]:
+        if not blob:
+            return {}
+        try:
+            data: dict[str, Any] = json.loads(self._fernet.decrypt(blob.encode()))
+        except InvalidToken as exc:
+            raise ValueError(
+                "Stored secrets cannot be decrypted: was IBP_SECRET_KEY changed?"
+            ) from exc
+        return data
+
+
+@lru_cache(maxsize=4)
+def _box(secret_key: str) -> SecretBox:
+    return SecretBox(secret_key)
+
+
+def secret_box() -> SecretBox:
+    from app.config import get_settings
+
+    return _box(get_settings().secret_key)

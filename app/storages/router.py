@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+
+from app.auth.deps import AdminUser
+from app.db import SessionDep
+from app.errors import problem_responses
+from app.schemas import Page, PageDep, fetch_page
+from app.storages import service
+from app.storages.schemas import (
+    BackupStorageCreate,
+    BackupStorageRead,
+    BackupStorageUpdate,
+    StorageCheckResult,
+)
+
+router = APIRouter(
+    prefix="/backup-storages",
+    tags=["backup-storages"],
+    responses=problem_responses(401, 403, 404, 422),
+)
+
+
+@router.get("", name="list", summary="List backup storages (admin)")
+async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[BackupStorageRead]:
+    rows, total = await fetch_page(session, service.storages_statement(), page)
+    return Page(
+        items=[service.to_read(r[0]) for r in rows],
+        total=total,
+        limit=page.limit,
+        offset=page.offset,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a backup storage (admin)",
+    responses=problem_responses(409),
+)
+async def create(
+    payload: BackupStorageCreate, session: SessionDep, _: AdminUser
+) -> BackupStorageRead:
+    return service.to_read(await service.create_storage(session, payload))
+
+
+@router.get("/{storage_id}", summary="Read a backup storage (admin)")
+async def read(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> BackupStorageRead:
+    return service.to_read(await service.get_storage(session, storage_id))
+
+
+@router.patch(
+    "/{storage_id}", summary="Update a backup storage (admin)", responses=problem_responses(409)
+)
+async def update(
+    storage_id: uuid.UUID, payload: BackupStorageUpdate, session: SessionDep, _: AdminUser
+) -> BackupStorageRead:
+    storage = await service.get_storage(session, storage_id)
+    return service.to_read(await service.update_storage(session, storage, payload))
+
+
+@router.delete(
+    "/{storage_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a backup storage (admin)",
+    responses=problem_responses(409),
+)
+async def delete(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> None:
+    await service.delete_storage(session, await service.get_storage(session, storage_id))
+
+
+@router.post(
+    "/{storage_id}/check",
+    summary="Check a backup storage: connect, write, read back, delete a probe (admin)",
+)
+async def check(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> StorageCheckResult:
+    storage = await service.get_storage(session, storage_id)
+    return await service.check_storage(session, storage)

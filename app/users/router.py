@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+
+from app.auth.deps import AdminUser, CurrentUser
+from app.db import SessionDep
+from app.errors import problem_responses
+from app.schemas import Page, PageDep, fetch_page
+from app.users import service
+from app.users.schemas import MeUpdate, UserCreate, UserRead, UserUpdate
+
+me_router = APIRouter(prefix="/me", tags=["me"], responses=problem_responses(401, 422))
+users_router = APIRouter(
+    prefix="/users", tags=["users"], responses=problem_responses(401, 403, 404, 422)
+)
+
+
+@me_router.get("", summary="Your own profile")
+async def get(user: CurrentUser) -> UserRead:
+    return UserRead.model_validate(user)
+
+
+@me_router.patch("", summary="Change your name or time zone")
+async def update(payload: MeUpdate, session: SessionDep, user: CurrentUser) -> UserRead:
+    return UserRead.model_validate(await service.update_me(session, user, payload))
+
+
+@users_router.get("", name="list", summary="List users (admin)")
+async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[UserRead]:
+    rows, total = await fetch_page(session, service.users_statement(), page)
+    items = [UserRead.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+
+
+@users_router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a user (admin)",
+    responses=problem_responses(409),
+)
+async def create(payload: UserCreate, session: SessionDep, _: AdminUser) -> UserRead:
+    return UserRead.model_validate(await service.create_user(session, payload))
+
+
+@users_router.get("/{user_id}", summary="Read a user (admin)")
+async def read(user_id: uuid.UUID, session: SessionDep, _: AdminUser) -> UserRead:
+    return UserRead.model_validate(await service.get_user(session, user_id))
+
+
+@users_router.patch(
+    "/{user_id}", name="update", summary="Update a user (admin)", responses=problem_responses(409)
+)
+async def update_user(
+    user_id: uuid.UUID, payload: UserUpdate, session: SessionDep, _: AdminUser
+) -> UserRead:
+    user = await service.get_user(session, user_id)
+    return UserRead.model_validate(await service.update_user(session, user, payload))
+
+
+@users_router.delete(
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a user (admin)",
+    responses=problem_responses(409),
+)
+async def delete(user_id: uuid.UUID, session: SessionDep, admin: AdminUser) -> None:
+    user = await service.get_user(session, user_id)
+    await service.delete_user(session, user, admin)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, EmailStr, Field
+
+from app.schemas import Schema, TimeZoneName
+
+Role = Literal["admin", "user"]
+
+
+class UserRead(Schema):
+    id: uuid.UUID
+    email: str
+    name: str
+    role: Role
+    timezone: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class UserCreate(BaseModel):
+    email: EmailStr
+    name: str = Field(default="", max_length=200)
+    password: str = Field(min_length=8, max_length=1024)
+    role: Role = "user"
+    timezone: TimeZoneName = "UTC"
+
+
+class UserUpdate(BaseModel):
+    email: EmailStr | None = None
+    name: str | None = Field(default=None, max_length=200)
+    password: str | None = Field(default=None, min_length=8, max_length=1024)
+    role: Role | None = None
+    timezone: TimeZoneName | None = None
+
+
+class MeUpdate(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+    timezone: TimeZoneName | None = Field(
+        default=None, description="IANA time zone; the user's policies are re-planned in it."
+    )

@@ -1,0 +1,108 @@
+"""Users: admin management, self-service profile, and the idempotent first admin."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.errors import Conflict, NotFound
+from app.models import BackupPolicy, Instance, User
+from app.policies.service import replan_owner_policies
+from app.security import hash_password
+from app.users.schemas import MeUpdate, UserCreate, UserUpdate
+
+
+def users_statement() -> Select[User]:
+    return select(User).order_by(User.created_at, User.id)
+
+
+async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        raise NotFound("User not found")
+    return user
+
+
+async def _ensure_email_free(
+    session: AsyncSession, email: str, except_id: uuid.UUID | None
+) -> None:
+    clash = await session.scalar(select(User.id).where(User.email == email))
+    if clash is not None and clash != except_id:
+        raise Conflict(f"A user with email {email} already exists")
+
+
+async def create_user(session: AsyncSession, payload: UserCreate) -> User:
+    email = payload.email.lower()
+    await _ensure_email_free(session, email, None)
+    user = User(
+        id=uuid.uuid4(),
+        email=email,
+        name=payload.name,
+        password_hash=hash_password(payload.password),
+        role=payload.role,
+        timezone=payload.timezone,
+    )
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def update_user(session: AsyncSession, user: User, payload: UserUpdate) -> User:
+    if payload.email is not None:
+        email = payload.email.lower()
+        await _ensure_email_free(session, email, user.id)
+        user.email = email
+    if payload.password is not None:
+        user.password_hash = hash_password(payload.password)
+    if payload.role is not None:
+        user.role = payload.role
+    if payload.name is not None:
+        user.name = payload.name
+    if payload.timezone is not None:
+        await set_timezone(session, user, payload.timezone)
+    await session.flush()
+    return user
+
+
+async def update_me(session: AsyncSession, user: User, payload: MeUpdate) -> User:
+    if payload.name is not None:
+        user.name = payload.name
+    if payload.timezone is not None:
+        await set_timezone(session, user, payload.timezone)
+    await session.flush()
+    return user
+
+
+async def set_timezone(session: AsyncSession, user: User, zone: str) -> None:
+    if zone != user.timezone:
+        user.timezone = zone
+        await replan_owner_policies(session, user)
+
+
+async def delete_user(session: AsyncSession, user: User, acting: User) -> None:
+    if user.id == acting.id:
+        raise Conflict("You cannot delete your own account")
+    instances = await session.scalar(select(func.count()).where(Instance.owner_id == user.id))
+    policies = await session.scalar(select(func.count()).where(BackupPolicy.owner_id == user.id))
+    if instances or policies:
+        raise Conflict(
+            f"User owns {instances} instance(s) and {policies} backup policy(ies); "
+            "delete or reassign them first"
+        )
+    await session.delete(user)
+
+
+async def ensure_admin(session: AsyncSession, email: str, password: str) -> tuple[User, bool]:
+    """Create the admin, or make an existing account admin with this password. Idempotent."""
+    email = email.strip().lower()
+    user = await session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = await create_user(
+            session, UserCreate(email=email, password=password, role="admin", name="Administrator")
+        )
+        return user, True
+    user.role = "admin"
+    user.password_hash = hash_password(password)
+    return user, False
