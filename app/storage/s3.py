@@ -240,7 +240,9 @@ class S3Driver:
         s3_key = self._key(key)
         client = await self._s3()
         resp = await self._call("download", key, client.get_object(Bucket=self.bucket, Key=s3_key))
-        async with resp["Body"] as body:
+        body = resp["Body"]
+        # Enter the body itself: its __aenter__ returns the raw aiohttp response.
+        async with body:
 
             async def raw() -> AsyncIterator[bytes]:
                 while chunk := await self._call("download", key, body.read(CHUNK_SIZE)):
