@@ -1,0 +1,170 @@
+"""Plain async factories: each makes one row with sensible defaults, overridable by keyword."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import (
+    ApiToken,
+    Backup,
+    BackupChain,
+    BackupPolicy,
+    Hypervisor,
+    Instance,
+    InstanceDisk,
+    Location,
+    User,
+)
+from app.policies.service import plan_next_run
+from app.security import PERSONAL_PREFIX, hash_password, new_token, token_digest
+
+_seq = itertools.count(1)
+PASSWORD = "correct horse battery"
+_PASSWORD_HASH = hash_password(PASSWORD)
+
+
+async def _save(session: AsyncSession, row: Any) -> Any:
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def create_user(session: AsyncSession, **overrides: Any) -> User:
+    n = next(_seq)
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "email": f"user{n}-{uuid.uuid4().hex[:6]}@example.com",
+        "name": f"User {n}",
+        "password_hash": _PASSWORD_HASH,
+        "role": "user",
+        "timezone": "UTC",
+    }
+    values.update(overrides)
+    return await _save(session, User(**values))
+
+
+async def create_admin(session: AsyncSession, **overrides: Any) -> User:
+    return await create_user(session, role="admin", **overrides)
+
+
+async def auth_headers(session: AsyncSession, user: User) -> dict[str, str]:
+    token = new_token(PERSONAL_PREFIX)
+    await _save(
+        session,
+        ApiToken(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            kind="personal",
+            name="test",
+            token_hash=token_digest(token),
+            prefix=token[:12],
+            created_at=datetime.now(UTC),
+        ),
+    )
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def create_location(session: AsyncSession, **overrides: Any) -> Location:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": f"loc-{uuid.uuid4().hex[:8]}",
+        "backup_price_per_gb_month": None,
+    }
+    values.update(overrides)
+    if isinstance(values["backup_price_per_gb_month"], str):
+        values["backup_price_per_gb_month"] = Decimal(values["backup_price_per_gb_month"])
+    return await _save(session, Location(**values))
+
+
+async def create_hypervisor(session: AsyncSession, **overrides: Any) -> Hypervisor:
+    if "location_id" not in overrides:
+        overrides["location_id"] = (await create_location(session)).id
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": f"hv-{uuid.uuid4().hex[:8]}",
+        "libvirt_uri": "qemu:///system",
+        "max_concurrent_backups": 2,
+        "scratch_dir": "/var/tmp/ibp-scratch",
+    }
+    values.update(overrides)
+    return await _save(session, Hypervisor(**values))
+
+
+async def create_instance(
+    session: AsyncSession, owner: User, disks: list[dict[str, Any]] | None = None, **overrides: Any
+) -> Instance:
+    if "hypervisor_id" not in overrides:
+        overrides["hypervisor_id"] = (await create_hypervisor(session)).id
+    n = next(_seq)
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": f"vm-{n}",
+        "owner_id": owner.id,
+        "domain_name": f"dom-{uuid.uuid4().hex[:10]}",
+        "status": "deployed",
+    }
+    values.update(overrides)
+    disk_specs = (
+        disks
+        if disks is not None
+        else [{"target": "vda", "boot": True, "size_bytes": 64 * 1024**2}]
+    )
+    instance = Instance(**values, disks=[InstanceDisk(id=uuid.uuid4(), **d) for d in disk_specs])
+    return await _save(session, instance)
+
+
+async def create_policy(session: AsyncSession, owner: User, **overrides: Any) -> BackupPolicy:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "owner_id": owner.id,
+        "name": f"policy-{next(_seq)}",
+        "frequency": "daily",
+        "hour": 2,
+        "day_of_week": None,
+        "max_incremental_chain": 6,
+        "retention_count": 3,
+        "backup_device": "primary",
+        "status": "active",
+        "skipped_runs": 0,
+    }
+    values.update(overrides)
+    policy = BackupPolicy(**values)
+    if "next_run_at" not in overrides:
+        plan_next_run(policy, owner.timezone)
+    return await _save(session, policy)
+
+
+async def create_chain(session: AsyncSession, instance: Instance, **overrides: Any) -> BackupChain:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "instance_id": instance.id,
+        "policy_id": instance.backup_policy_id,
+        "backup_device": "primary",
+        "disks": [],
+    }
+    values.update(overrides)
+    return await _save(session, BackupChain(**values))
+
+
+async def create_backup(session: AsyncSession, instance: Instance, **overrides: Any) -> Backup:
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "instance_id": instance.id,
+        "policy_id": instance.backup_policy_id,
+        "type": "full",
+        "status": "completed",
+        "size_bytes": 1024**3,
+        "scheduled_for": now,
+        "created_at": now,
+        "started_at": now,
+        "completed_at": now,
+    }
+    values.update(overrides)
+    return await _save(session, Backup(**values))
