@@ -116,7 +116,7 @@ class FtpDriver:
         except BaseException as exc:
             # A fresh session: the failed one may be mid-transfer or dead.
             await asyncio.shield(self._remove_quietly(tmp))
-            if isinstance(exc, aioftp.StatusCodeError | _NETWORK):
+            if isinstance(exc, (aioftp.StatusCodeError, *_NETWORK)):
                 raise self._translate(exc, "writing", path) from None
             raise
         return counter.result()
