@@ -55,8 +55,11 @@ def image_info(path: Path) -> dict[str, Any]:
 
 
 def data_bytes(path: Path) -> int:
-    """Bytes holding data in the top layer of ``path`` (not its backing files)."""
-    proc = run_qemu_img(["map", "--output=json", "-U", str(path)], timeout=LONG_TIMEOUT)
+    """Bytes holding data in the top layer of a qcow2 ``path``; backing files are not opened."""
+    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None}
+    proc = run_qemu_img(
+        ["map", "--output=json", "-U", "json:" + json.dumps(spec)], timeout=LONG_TIMEOUT
+    )
     total = 0
     for extent in json.loads(proc.stdout):
         if extent.get("data") and extent.get("depth", 0) == 0:

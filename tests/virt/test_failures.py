@@ -1,0 +1,106 @@
+"""Failure paths: busy disks, failed/cancelled incrementals that must not advance the chain."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from app.virt import (
+    BackupAborted,
+    CheckpointBroken,
+    DiskBusy,
+    DomainNotFound,
+    VirtError,
+    data_bytes,
+    list_checkpoints,
+    run_backup,
+)
+from tests.virt import vmkit
+from tests.virt.helpers import assert_same, restore, store
+from tests.virt.vmkit import URI, MiB
+
+BOTH = ["vda", "vdb"]
+
+
+def test_missing_domain_disk_or_parent(vm: vmkit.VM, tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    with pytest.raises(DomainNotFound):
+        run_backup(URI, "ibp-test-nope", BOTH, scratch, "a", None)
+    with pytest.raises(VirtError, match="has no disk vdz"):
+        run_backup(URI, vm.name, ["vdz"], scratch, "a", None)
+    with pytest.raises(CheckpointBroken, match="Parent checkpoint gone no longer exists"):
+        run_backup(URI, vm.name, BOTH, scratch, "a", "gone")
+    run_backup(URI, vm.name, BOTH, scratch, "a", None)
+    with pytest.raises(VirtError, match="Checkpoint a already exists"):
+        run_backup(URI, vm.name, BOTH, tmp_path / "other", "a", None)
+    assert list_checkpoints(URI, vm.name) == ["a"]
+
+
+def test_disk_with_a_block_job_is_busy(vm: vmkit.VM, tmp_path: Path) -> None:
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(vm.name)
+        copy = tmp_path / "mirror.qcow2"
+        dom.blockCopy(
+            "vdb",
+            f"<disk type='file'><source file='{copy}'/><driver type='qcow2'/></disk>",
+            None,
+            libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+        )
+        try:
+            with pytest.raises(DiskBusy) as err:
+                run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "b", None)
+            assert str(err.value) == "Disk vdb is busy with another block job"
+            assert list_checkpoints(URI, vm.name) == []
+            # The other disk alone is free.
+            run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "b", None)
+        finally:
+            dom.blockJobAbort("vdb", 0)
+    finally:
+        conn.close()
+
+
+def test_failed_incrementals_do_not_advance_the_chain(
+    make_vm: vmkit.VMFactory, tmp_path: Path
+) -> None:
+    """Cancelled or crashed (callback error) incrementals: the next one still has every change."""
+    vm = make_vm("chain", [("vda", 256 * MiB), ("vdb", 32 * MiB)])
+    storage = tmp_path / "storage"
+    store(run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f0", None), storage, "f0", None)
+    vmkit.write_pattern(vm.name, "vda", 0x31, 0, 192 * MiB)  # big enough to catch mid-job
+
+    cancel = threading.Event()
+    with pytest.raises(BackupAborted):
+        run_backup(
+            URI,
+            vm.name,
+            BOTH,
+            tmp_path / "scratch",
+            "f1",
+            "f0",
+            progress=lambda d, t: cancel.set(),
+            cancel=cancel,
+        )
+    assert list_checkpoints(URI, vm.name) == ["f0"]
+    assert not list((tmp_path / "scratch").iterdir())
+
+    vmkit.write_pattern(vm.name, "vdb", 0x32, 0, 1 * MiB)
+
+    def explode(done: int, total: int) -> None:
+        raise RuntimeError("progress sink is gone")
+
+    with pytest.raises(RuntimeError, match="progress sink is gone"):
+        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f1", "f0", progress=explode)
+    assert list_checkpoints(URI, vm.name) == ["f0"]
+    assert not list((tmp_path / "scratch").iterdir())
+
+    snaps = {t: vmkit.snapshot_disk(vm.name, t, tmp_path / f"{t}.raw") for t in BOTH}
+    inc = {f.target: f for f in run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f1", "f0")}
+    assert data_bytes(inc["vda"].path) == 192 * MiB
+    assert data_bytes(inc["vdb"].path) == 1 * MiB
+    store(list(inc.values()), storage, "f1", "f0")
+    for t in BOTH:
+        assert_same(restore(storage, ["f0", "f1"], t, tmp_path / "r"), snaps[t])
