@@ -133,7 +133,7 @@ def test_weekly_spec_example() -> None:
     assert kinds == ["full"] + ["incremental"] * 4 + ["full"] + ["incremental"] * 6
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(
     n=st.integers(min_value=0, max_value=10),
     start=st.dates(min_value=date(2010, 1, 1), max_value=date(2030, 12, 31)),
@@ -163,7 +163,7 @@ def weekday_name(d: date) -> str:
     return d.strftime("%A").lower()  # independent of app.scheduling.local_weekday
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(
     n=st.integers(min_value=0, max_value=8),
     day=st.sampled_from(WEEKDAYS),
@@ -195,7 +195,7 @@ def test_weekly_sequence_property(n: int, day: Weekday, start: date, days: int) 
 ZONES = ["America/New_York", "Asia/Tokyo", "Pacific/Apia", "Pacific/Chatham", "Pacific/Kiritimati"]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(
     zone=st.sampled_from(ZONES),
     hour=st.integers(min_value=0, max_value=23),

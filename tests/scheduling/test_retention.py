@@ -54,7 +54,7 @@ def test_bad_retention() -> None:
         chains_to_delete([info(0)], 0, "c0")
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(
     chains=st.lists(
         st.tuples(st.integers(min_value=0, max_value=1000), st.booleans()),
