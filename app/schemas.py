@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
-from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple, Unpack
+from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple
 from zoneinfo import available_timezones
 
 from fastapi import Depends, Query
@@ -43,7 +43,7 @@ PageDep = Annotated[PageParams, Depends(page_params)]
 
 
 async def fetch_page(
-    session: AsyncSession, stmt: Select[Unpack[Ts]], params: PageParams
+    session: AsyncSession, stmt: Select[*Ts], params: PageParams
 ) -> tuple[list[Any], int]:
     """Rows of one page and the total, in two queries whatever the page holds."""
     total = await session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))

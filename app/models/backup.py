@@ -60,7 +60,10 @@ class Backup(IdMixin, Base):
         ForeignKey("backup_policies.id", ondelete="SET NULL")
     )
     chain_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("backup_chains.id"))
-    parent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("backups.id"))
+    # Dependants are deleted with their parent; SET NULL lets deletions finish in any order.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backups.id", ondelete="SET NULL")
+    )
     type: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     manual: Mapped[bool] = mapped_column(default=False)

@@ -199,7 +199,7 @@ def upgrade() -> None:
     sa.CheckConstraint('progress IS NULL OR progress BETWEEN 0 AND 100', name=op.f('ck_backups_progress')),
     sa.ForeignKeyConstraint(['chain_id'], ['backup_chains.id'], name=op.f('fk_backups_chain_id_backup_chains')),
     sa.ForeignKeyConstraint(['instance_id'], ['instances.id'], name=op.f('fk_backups_instance_id_instances')),
-    sa.ForeignKeyConstraint(['parent_id'], ['backups.id'], name=op.f('fk_backups_parent_id_backups')),
+    sa.ForeignKeyConstraint(['parent_id'], ['backups.id'], name=op.f('fk_backups_parent_id_backups'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['policy_id'], ['backup_policies.id'], name=op.f('fk_backups_policy_id_backup_policies'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['storage_id'], ['backup_storages.id'], name=op.f('fk_backups_storage_id_backup_storages')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_backups')),

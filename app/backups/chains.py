@@ -1,0 +1,139 @@
+"""Where each instance's backup chain stands, read from the catalog in a few batch queries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import Backup, BackupChain
+from app.scheduling import ChainInfo, ChainState
+
+
+@dataclass(frozen=True)
+class InstanceChain:
+    """The instance's current chain: what planning needs and what an incremental builds on."""
+
+    state: ChainState | None  # None: the instance has never had a backup
+    chain_id: uuid.UUID | None
+    tip_id: uuid.UUID | None  # newest completed backup of the chain: an incremental's parent
+    tip_checkpoint: str | None
+    backup_device: str | None
+    disks: list[dict[str, object]]
+    busy: bool  # a backup is pending or in progress
+
+
+async def chain_states(
+    session: AsyncSession, instance_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, InstanceChain]:
+    if not instance_ids:
+        return {}
+    ids = list(instance_ids)
+    latest_full = (
+        select(Backup.instance_id, Backup.chain_id, Backup.created_at)
+        .where(Backup.instance_id.in_(ids), Backup.type == "full", Backup.status == "completed")
+        .distinct(Backup.instance_id)
+        .order_by(Backup.instance_id, Backup.created_at.desc())
+    )
+    fulls = {r.instance_id: r for r in (await session.execute(latest_full)).all()}
+    latest_attempt = (
+        select(Backup.instance_id, Backup.status, Backup.created_at)
+        .where(
+            Backup.instance_id.in_(ids),
+            Backup.type == "full",
+            Backup.status.in_(("completed", "failed")),
+        )
+        .distinct(Backup.instance_id)
+        .order_by(Backup.instance_id, Backup.created_at.desc())
+    )
+    attempts = {r.instance_id: r for r in (await session.execute(latest_attempt)).all()}
+    busy = set(
+        (
+            await session.scalars(
+                select(Backup.instance_id)
+                .where(Backup.instance_id.in_(ids), Backup.status.in_(("pending", "in_progress")))
+                .distinct()
+            )
+        ).all()
+    )
+    chain_ids = [r.chain_id for r in fulls.values() if r.chain_id is not None]
+    tips: dict[uuid.UUID, tuple[uuid.UUID, str | None]] = {}
+    incrementals: dict[uuid.UUID, int] = {}
+    chains: dict[uuid.UUID, BackupChain] = {}
+    if chain_ids:
+        tip_rows = (
+            select(Backup.chain_id, Backup.id, Backup.checkpoint_name)
+            .where(Backup.chain_id.in_(chain_ids), Backup.status == "completed")
+            .distinct(Backup.chain_id)
+            .order_by(Backup.chain_id, Backup.created_at.desc())
+        )
+        for r in (await session.execute(tip_rows)).all():
+            if r.chain_id is not None:
+                tips[r.chain_id] = (r.id, r.checkpoint_name)
+        count_rows = (
+            select(Backup.chain_id, func.count())
+            .where(
+                Backup.chain_id.in_(chain_ids),
+                Backup.type == "incremental",
+                Backup.status == "completed",
+            )
+            .group_by(Backup.chain_id)
+        )
+        incrementals = {
+            r[0]: int(r[1]) for r in (await session.execute(count_rows)).all() if r[0] is not None
+        }
+        for chain in await session.scalars(
+            select(BackupChain).where(BackupChain.id.in_(chain_ids))
+        ):
+            chains[chain.id] = chain
+
+    result: dict[uuid.UUID, InstanceChain] = {}
+    for instance_id in ids:
+        full = fulls.get(instance_id)
+        attempt = attempts.get(instance_id)
+        is_busy = instance_id in busy
+        if full is None or full.chain_id is None:
+            state = None
+            if attempt is not None:  # only failed fulls so far
+                state = ChainState(0, False, "previous full backup failed")
+            result[instance_id] = InstanceChain(state, None, None, None, None, [], is_busy)
+            continue
+        found = chains.get(full.chain_id)
+        tip_id, tip_checkpoint = tips.get(full.chain_id, (None, None))
+        usable = attempt is None or attempt.status == "completed"
+        state = ChainState(
+            incrementals.get(full.chain_id, 0),
+            usable,
+            None if usable else "previous full backup failed",
+        )
+        result[instance_id] = InstanceChain(
+            state=state,
+            chain_id=full.chain_id,
+            tip_id=tip_id,
+            tip_checkpoint=tip_checkpoint,
+            backup_device=found.backup_device if found else None,
+            disks=list(found.disks) if found else [],
+            busy=is_busy,
+        )
+    return result
+
+
+async def completed_chains(session: AsyncSession, instance_id: uuid.UUID) -> list[ChainInfo]:
+    """The instance's chains whose full completed (what retention counts), oldest first."""
+    rows = (
+        await session.execute(
+            select(BackupChain.id, func.min(Backup.created_at))
+            .join(Backup, Backup.chain_id == BackupChain.id)
+            .where(
+                BackupChain.instance_id == instance_id,
+                Backup.type == "full",
+                Backup.status == "completed",
+            )
+            .group_by(BackupChain.id)
+            .order_by(func.min(Backup.created_at))
+        )
+    ).all()
+    return [ChainInfo(id=r[0], started_at=r[1], full_completed=True) for r in rows]

@@ -1,0 +1,203 @@
+"""The scheduler tick: find due policies through the index, create their backups, advance.
+
+It only decides and enqueues. Rows are claimed with FOR UPDATE SKIP LOCKED, backups are unique
+per (instance, slot), and jobs are enqueued after the commit with a fixed job id, so a repeated
+or concurrent tick never dispatches a slot twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+from arq.connections import ArqRedis
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.backups.chains import InstanceChain, chain_states
+from app.db import JobQueue
+from app.models import Backup, BackupPolicy, Instance, User
+from app.policies.service import schedule_of
+from app.queues import hypervisor_queue
+from app.scheduling import (
+    ChainState,
+    next_run_at,
+    plan_backup,
+    run_on_local_date,
+    slot_local_date,
+)
+
+BATCH = 500
+
+
+@dataclass
+class TickResult:
+    policies: int = 0
+    dispatched: list[uuid.UUID] = field(default_factory=list)
+    skipped: int = 0
+    failed: int = 0
+
+
+def _latest_run(policy: BackupPolicy, zone: str, now: datetime) -> datetime:
+    """The most recent scheduled instant at or before now (the slot a catch-up would serve)."""
+    schedule = schedule_of(policy)
+    day = slot_local_date(schedule, zone, now)
+    run = run_on_local_date(policy.hour, zone, day)
+    assert run is not None  # slot_local_date only returns days that have a run
+    return run
+
+
+def _skip(policy: BackupPolicy, reason: str, now: datetime, count: int = 1) -> None:
+    policy.skipped_runs += count
+    policy.last_skip_reason = reason
+    policy.last_skip_at = now
+
+
+def _fail(policy: BackupPolicy, message: str, now: datetime) -> None:
+    policy.status = "error"
+    policy.last_error = message
+    policy.last_error_at = now
+
+
+async def _dispatch_batch(
+    session: AsyncSession, now: datetime, grace: timedelta, jobs: JobQueue, result: TickResult
+) -> int:
+    rows = (
+        await session.execute(
+            select(BackupPolicy, User.timezone)
+            .join(User, User.id == BackupPolicy.owner_id)
+            .where(BackupPolicy.status != "paused", BackupPolicy.next_run_at <= now)
+            .order_by(BackupPolicy.next_run_at)
+            .limit(BATCH)
+            .with_for_update(of=BackupPolicy, skip_locked=True)
+        )
+    ).all()
+    if not rows:
+        return 0
+    policies = {policy.id: (policy, zone) for policy, zone in rows}
+    instances = (
+        await session.scalars(
+            select(Instance)
+            .where(Instance.backup_policy_id.in_(policies))
+            .order_by(Instance.name, Instance.id)
+        )
+    ).all()
+    by_policy: dict[uuid.UUID, list[Instance]] = {pid: [] for pid in policies}
+    for instance in instances:
+        assert instance.backup_policy_id is not None
+        by_policy[instance.backup_policy_id].append(instance)
+    chains = await chain_states(session, [i.id for i in instances])
+
+    new_backups: list[dict[str, object]] = []
+    for policy, zone in policies.values():
+        result.policies += 1
+        assert policy.next_run_at is not None
+        slot = _latest_run(policy, zone, now)
+        # After downtime only the newest missed run may still run (within the grace window);
+        # the older ones are dropped and counted, never fired as a burst.
+        missed = len(_runs_between(policy, zone, policy.next_run_at, slot))
+        runs_now = now - slot <= grace
+        if not runs_now:
+            missed += 1
+        if missed:
+            _skip(policy, f"{missed} run(s) missed while the scheduler was down", now, missed)
+            result.skipped += missed
+        if runs_now:
+            slot_date = slot_local_date(schedule_of(policy), zone, slot)
+            for instance in by_policy[policy.id]:
+                row = _plan_instance(policy, instance, chains[instance.id], slot, slot_date, now)
+                if row is not None:
+                    new_backups.append(row)
+                elif instance.status == "deployed":
+                    result.skipped += 1
+        policy.next_run_at = next_run_at(schedule_of(policy), zone, now)
+
+    if new_backups:
+        inserted = (
+            await session.execute(
+                insert(Backup)
+                .values(new_backups)
+                .on_conflict_do_nothing(constraint="uq_backups_instance_slot")
+                .returning(Backup.id, Backup.instance_id, Backup.status)
+            )
+        ).all()
+        hypervisor_of = {i.id: i.hypervisor_id for i in instances}
+        for backup_id, instance_id, status in inserted:
+            if status == "pending":
+                jobs.add(
+                    "run_backup",
+                    str(backup_id),
+                    queue_name=hypervisor_queue(hypervisor_of[instance_id]),
+                    job_id=f"backup:{backup_id}",
+                )
+                result.dispatched.append(backup_id)
+    return len(rows)
+
+
+def _runs_between(
+    policy: BackupPolicy, zone: str, start: datetime, end: datetime
+) -> list[datetime]:
+    runs, cursor = [], start
+    while cursor < end:
+        runs.append(cursor)
+        cursor = next_run_at(schedule_of(policy), zone, cursor)
+    return runs
+
+
+def _plan_instance(
+    policy: BackupPolicy,
+    instance: Instance,
+    chain: InstanceChain,
+    slot: datetime,
+    slot_date: date,
+    now: datetime,
+) -> dict[str, object] | None:
+    """The backup row this slot creates for the instance, or None when it is skipped."""
+    base: dict[str, object] = {
+        "id": uuid.uuid4(),
+        "instance_id": instance.id,
+        "policy_id": policy.id,
+        "scheduled_for": slot,
+        "created_at": now,
+        "backup_device": policy.backup_device,
+        "manual": False,
+    }
+    if instance.status != "deployed":
+        message = f"Instance is {instance.status}"
+        _fail(policy, f"{instance.name}: {message}", now)
+        return {**base, "type": "full", "status": "failed", "error": message, "completed_at": now}
+    if chain.busy:
+        _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
+        return None
+    state = chain.state
+    if state is not None and state.base_usable and chain.backup_device != policy.backup_device:
+        state = ChainState(state.incrementals, False, "backup device setting changed")
+    plan = plan_backup(schedule_of(policy), policy.max_incremental_chain, state, slot_date)
+    if plan.kind == "skip":
+        return None
+    return {
+        **base,
+        "type": plan.kind,
+        "status": "pending",
+        "plan_reason": plan.reason,
+        "chain_reset_reason": state.reset_reason if state and not state.base_usable else None,
+    }
+
+
+async def run_tick(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    redis: ArqRedis | None,
+    now: datetime,
+    grace: timedelta,
+) -> TickResult:
+    result = TickResult()
+    while True:
+        jobs = JobQueue()
+        async with sessionmaker() as session:
+            claimed = await _dispatch_batch(session, now, grace, jobs, result)
+            await session.commit()
+        await jobs.flush(redis)
+        if claimed < BATCH:
+            return result
