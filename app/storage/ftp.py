@@ -104,21 +104,20 @@ class FtpDriver:
         path = self._path(key)
         tmp = temp_name(path)
         counter = Sha256Counter()
-        try:
-            async with self._session() as client:
+        async with self._session() as client:
+            try:
                 await client.make_directory(posixpath.dirname(path), parents=True)
                 async with client.upload_stream(tmp) as stream:
                     async for chunk in chunks:
-                        await asyncio.gather(
-                            asyncio.to_thread(counter.update, chunk), stream.write(chunk)
-                        )
+                        hashing = asyncio.to_thread(counter.update, chunk)
+                        await asyncio.gather(hashing, stream.write(chunk))
                 await self._rename(client, tmp, path)
-        except BaseException as exc:
-            # A fresh session: the failed one may be mid-transfer or dead.
-            await asyncio.shield(self._remove_quietly(tmp))
-            if isinstance(exc, (aioftp.StatusCodeError, *_NETWORK)):
-                raise self._translate(exc, "writing", path) from None
-            raise
+            except BaseException as exc:
+                # A fresh session: this one may be mid-transfer or dead.
+                await asyncio.shield(self._remove_quietly(tmp))
+                if isinstance(exc, (aioftp.StatusCodeError, *_NETWORK)):
+                    raise self._translate(exc, "writing", path) from None
+                raise
         return counter.result()
 
     async def _rename(self, client: aioftp.Client, tmp: str, path: str) -> None:

@@ -38,7 +38,14 @@ _CIPHERS = [
     "aes128-ctr",
     "aes256-ctr",
 ]
-_LOST = (asyncssh.SFTPConnectionLost, asyncssh.DisconnectError, asyncssh.ChannelOpenError, OSError)
+_LOST = (
+    asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection,
+    asyncssh.DisconnectError,
+    asyncssh.ConnectionLost,
+    asyncssh.ChannelOpenError,
+    OSError,
+)
 
 
 class SftpDriver:

@@ -62,6 +62,7 @@ class Server:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.extra.get("cleanup", self.data_dir), ignore_errors=True)
+        self.log.unlink(missing_ok=True)
 
 
 def free_port() -> int:
@@ -85,7 +86,8 @@ def _spawn(name: str, cmd: list[str], port: int, data_dir: Path, config: dict[st
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerStartError(f"{name} exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            output = log.read_text()[-2000:]
+            raise ServerStartError(f"{name} exited with {proc.returncode}: {output}")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
             return server
         time.sleep(0.1)
@@ -107,7 +109,8 @@ def start_moto(bucket: str = "backups") -> Server:
     moto = _require(BIN / "moto_server", "PyPI moto[server]")
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="ibp-moto-"))  # unused: moto keeps objects in RAM
-    server = _spawn("moto", [moto, "-H", HOST, "-p", str(port)], port, data_dir, _s3_config(port, bucket))
+    cmd = [moto, "-H", HOST, "-p", str(port)]
+    server = _spawn("moto", cmd, port, data_dir, _s3_config(port, bucket))
     s3_admin(server).create_bucket(Bucket=bucket)
     return server
 
@@ -148,6 +151,7 @@ def make_tls_cert(directory: Path) -> tuple[Path, Path, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
     now = dt.datetime.now(dt.UTC)
+    ip = ipaddress.ip_address(HOST)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -156,7 +160,7 @@ def make_tls_cert(directory: Path) -> tuple[Path, Path, str]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), False)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
     )

@@ -1,0 +1,93 @@
+"""Local/NFS specifics, the file stream helpers and the registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.storage import (
+    StorageFull,
+    StorageUnreachable,
+    get_driver,
+    iter_file,
+    write_stream_to_file,
+)
+from app.storage.base import validate_key
+from app.storage.local import LocalDriver, NfsDriver
+from tests.storage.conftest import mounted_tmpfs
+from tests.storage.payloads import MiB, chunked, payload, sha256
+
+
+async def test_nfs_check_fails_clearly_when_the_share_is_not_mounted(tmp_path: Path) -> None:
+    driver = get_driver("nfs", {"path": str(tmp_path), "server": "nas1", "export": "/backups"})
+
+    result = await driver.check()
+
+    assert not result.ok
+    assert result.error == (
+        f"{tmp_path} is not a mount point; is the NFS share (nas1:/backups) mounted?"
+    )
+    with pytest.raises(StorageUnreachable, match="is not a mount point"):
+        await driver.put("a/b", chunked(b"x"))
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_local_check_fails_clearly_when_the_directory_is_missing(tmp_path: Path) -> None:
+    result = await get_driver("local", {"path": str(tmp_path / "nope")}).check()
+
+    assert result.error == f"storage directory {tmp_path / 'nope'} does not exist"
+
+
+async def test_full_disk_raises_storage_full_and_leaves_no_temp_file() -> None:
+    with mounted_tmpfs("2m") as point:
+        driver = get_driver("nfs", {"path": str(point)})
+
+        with pytest.raises(StorageFull, match="no space left"):
+            await driver.put("i/c/b/vda.qcow2", chunked(payload(4 * MiB)))
+
+        assert [p for p in point.rglob("*") if p.is_file()] == []
+
+
+async def test_iter_file_and_write_stream_to_file_round_trip(tmp_path: Path) -> None:
+    data = payload(5 * MiB + 3, seed=40)
+    (tmp_path / "src").write_bytes(data)
+
+    chunks = [c async for c in iter_file(tmp_path / "src", chunk_size=MiB)]
+    result = await write_stream_to_file(iter_file(tmp_path / "src", MiB), tmp_path / "d/dst")
+
+    assert [len(c) for c in chunks] == [MiB] * 5 + [3]
+    assert (result.size, result.sha256) == (len(data), sha256(data))
+    assert (tmp_path / "d/dst").read_bytes() == data
+    assert sorted(os.listdir(tmp_path / "d")) == ["dst"]
+
+
+async def test_iter_file_closes_the_file_when_the_consumer_stops_early(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(payload(3 * MiB))
+    stream = iter_file(tmp_path / "src", MiB)
+
+    assert len(await anext(stream)) == MiB
+    await stream.aclose()  # must not hang on the read-ahead or leak the file
+
+
+def test_registry_builds_each_kind_and_rejects_unknown_ones(tmp_path: Path) -> None:
+    assert type(get_driver("local", {"path": str(tmp_path)})) is LocalDriver
+    assert type(get_driver("nfs", {"path": str(tmp_path)})) is NfsDriver
+    with pytest.raises(ValueError, match="unknown storage kind 'tape'"):
+        get_driver("tape", {})
+    with pytest.raises(ValueError, match="missing 'bucket'"):
+        get_driver("s3", {"access_key_id": "a", "secret_access_key": "b"})
+
+
+def test_importing_the_package_loads_no_client_library() -> None:
+    code = "import sys, app.storage; print(sorted({'aioboto3','asyncssh','aioftp'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("good", ["a", "i-1/c-2/b-3/vda.qcow2", "x..y/z", ".hidden"])
+def test_ordinary_keys_are_accepted(good: str) -> None:
+    assert validate_key(good) == good

@@ -1,0 +1,120 @@
+"""S3-specific behaviour: large multipart objects, error texts, aborts, a server dying mid-upload."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+
+from app.storage import ObjectNotFound, StorageUnreachable, get_driver
+from tests.storage import servers
+from tests.storage.payloads import MiB, calling, chunked, failing, payload, read_all, sha256
+from tests.storage.servers import Server
+
+
+@pytest.fixture
+def doomed_rclone() -> Iterator[Server]:
+    server = servers.start_rclone_s3()
+    yield server
+    server.stop()
+
+
+async def test_large_object_with_default_part_size_round_trips_on_rclone(
+    rclone_server: Server, uid: str
+) -> None:
+    data = payload(40 * MiB + 5, seed=10)  # three 16 MiB parts
+    driver = get_driver("s3", rclone_server.config)
+    key = f"{uid}/c/b/vda.qcow2"
+
+    result = await driver.put(key, chunked(data, 8 * MiB))
+
+    assert result.sha256 == sha256(data)
+    stored = rclone_server.data_dir / "backups" / key
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == sha256(data)
+    assert sha256(await read_all(driver, key)) == sha256(data)
+    await driver.close()
+
+
+async def test_failed_multipart_upload_is_aborted_on_moto(moto_server: Server, uid: str) -> None:
+    driver = get_driver("s3", {**moto_server.config, "part_size": 5 * MiB})
+    source = failing(payload(20 * MiB), after=17 * MiB, error=OSError("read error"))
+
+    with pytest.raises(OSError, match="read error"):
+        await driver.put(f"{uid}/vda.qcow2", source)
+
+    uploads = servers.s3_admin(moto_server).list_multipart_uploads(Bucket="backups")
+    assert [u for u in uploads.get("Uploads", []) if uid in u["Key"]] == []
+    await driver.close()
+
+
+async def test_prefix_keeps_objects_under_it_and_keys_relative(
+    moto_server: Server, uid: str
+) -> None:
+    driver = get_driver("s3", {**moto_server.config, "prefix": f"/tenant-{uid}/"})
+
+    await driver.put("a/b.qcow2", chunked(b"abc"))
+
+    admin = servers.s3_admin(moto_server)
+    listed = admin.list_objects_v2(Bucket="backups", Prefix=f"tenant-{uid}/")
+    assert [o["Key"] for o in listed["Contents"]] == [f"tenant-{uid}/a/b.qcow2"]
+    assert [o.key for o in await driver.list("")] == ["a/b.qcow2"]
+    await driver.close()
+
+
+async def test_check_reports_a_missing_bucket(moto_server: Server) -> None:
+    driver = get_driver("s3", {**moto_server.config, "bucket": "no-such-bucket"})
+
+    result = await driver.check()
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.startswith("S3 bucket 'no-such-bucket' does not exist at http://")
+    await driver.close()
+
+
+async def test_check_reports_rejected_credentials(rclone_server: Server) -> None:
+    driver = get_driver("s3", {**rclone_server.config, "secret_access_key": "wrong-secret"})
+
+    result = await driver.check()
+
+    assert not result.ok
+    assert result.error is not None
+    assert "S3 credentials rejected by http://127.0.0.1:" in result.error
+    assert "for bucket 'backups'" in result.error
+    await driver.close()
+
+
+async def test_check_reports_an_unreachable_endpoint() -> None:
+    port = servers.free_port()
+    config = {**servers._s3_config(port, "backups"), "endpoint_url": f"http://127.0.0.1:{port}"}
+    driver = get_driver("s3", config)
+
+    result = await driver.check()
+
+    assert not result.ok
+    assert result.error is not None
+    assert result.error.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port}")
+    await driver.close()
+
+
+async def test_server_killed_mid_upload_raises_unreachable_and_leaves_nothing(
+    doomed_rclone: Server, uid: str
+) -> None:
+    driver = get_driver("s3", {**doomed_rclone.config, "part_size": 5 * MiB})
+    source = calling(payload(30 * MiB, seed=11), at=12 * MiB, action=doomed_rclone.kill)
+
+    with pytest.raises(StorageUnreachable, match="cannot reach S3 endpoint http://127.0.0.1"):
+        await driver.put(f"{uid}/vda.qcow2", source)
+
+    bucket_dir = doomed_rclone.data_dir / "backups"
+    assert [p for p in bucket_dir.rglob("*") if p.is_file()] == []
+    await driver.close()
+
+
+async def test_get_of_missing_key_names_the_bucket(moto_server: Server, uid: str) -> None:
+    driver = get_driver("s3", moto_server.config)
+
+    with pytest.raises(ObjectNotFound, match=f"{uid}/x not found in S3 bucket 'backups'"):
+        await read_all(driver, f"{uid}/x")
+    await driver.close()
