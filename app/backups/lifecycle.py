@@ -1,0 +1,100 @@
+"""What happens around a backup's run: retention, the policy's status, stale work."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.backups.chains import completed_chains
+from app.backups.service import mark_for_deletion
+from app.db import JobQueue
+from app.models import Backup, BackupPolicy, Instance
+from app.scheduling import chains_to_delete
+
+WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
+NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
+
+
+async def apply_retention(
+    session: AsyncSession,
+    instance_id: uuid.UUID,
+    retention_count: int,
+    current_chain_id: uuid.UUID,
+    jobs: JobQueue,
+) -> list[uuid.UUID]:
+    """After a full completed: the oldest completed chains beyond the count go, whole."""
+    doomed = chains_to_delete(
+        await completed_chains(session, instance_id), retention_count, current_chain_id
+    )
+    if not doomed:
+        return []
+    backup_ids = list(
+        (
+            await session.scalars(
+                select(Backup.id).where(Backup.chain_id.in_(doomed), Backup.status != "deleting")
+            )
+        ).all()
+    )
+    await mark_for_deletion(session, backup_ids, jobs)
+    return backup_ids
+
+
+async def record_failure(
+    session: AsyncSession, backup: Backup, message: str, now: datetime
+) -> None:
+    """A failed backup turns its policy to Error with the reason, in the operator's words."""
+    if backup.policy_id is None:
+        return
+    name = await session.scalar(select(Instance.name).where(Instance.id == backup.instance_id))
+    await session.execute(
+        update(BackupPolicy)
+        .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status != "paused")
+        .values(status="error", last_error=f"{name}: {message}", last_error_at=now)
+    )
+
+
+async def record_success(session: AsyncSession, backup: Backup) -> None:
+    """A run whose every backup completed sets an Error policy back to Active."""
+    if backup.policy_id is None or backup.manual:
+        return
+    unfinished = await session.scalar(
+        select(func.count())
+        .select_from(Backup)
+        .where(
+            Backup.policy_id == backup.policy_id,
+            Backup.scheduled_for == backup.scheduled_for,
+            Backup.status != "completed",
+        )
+    )
+    if unfinished == 0:
+        await session.execute(
+            update(BackupPolicy)
+            .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status == "error")
+            .values(status="active")
+        )
+
+
+async def reap_stale(
+    session: AsyncSession, now: datetime, stale_after: timedelta, start_within: timedelta
+) -> list[uuid.UUID]:
+    """Fail backups whose worker vanished, so an instance is never blocked forever."""
+    reaped: list[uuid.UUID] = []
+    for status, limit, column, message in (
+        ("in_progress", stale_after, Backup.heartbeat_at, WORKER_LOST),
+        ("pending", start_within, Backup.created_at, NEVER_STARTED),
+    ):
+        rows = (
+            await session.scalars(
+                update(Backup)
+                .where(Backup.status == status, column < now - limit)
+                .values(status="failed", error=message, completed_at=now, progress=None)
+                .returning(Backup)
+            )
+        ).all()
+        for backup in rows:
+            await record_failure(session, backup, message, now)
+            reaped.append(backup.id)
+    return reaped

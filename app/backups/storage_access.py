@@ -1,0 +1,24 @@
+"""Opening the storage driver that holds (or will hold) a backup, with operator-facing errors."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import BackupStorage
+from app.storage.base import BackupStorageDriver
+from app.storage.registry import get_driver
+from app.storages.service import driver_config
+
+
+async def open_driver(session: AsyncSession, storage_id: uuid.UUID) -> BackupStorageDriver:
+    storage = await session.get(BackupStorage, storage_id)
+    if storage is None:
+        raise LookupError(f"backup storage {storage_id} no longer exists")
+    return get_driver(storage.kind, driver_config(storage))
+
+
+def backup_prefix(instance_id: uuid.UUID, chain_id: uuid.UUID, backup_id: uuid.UUID) -> str:
+    """Layout on storage: <instance>/<chain>/<backup>/<disk>.qcow2 + manifest.json."""
+    return f"{instance_id}/{chain_id}/{backup_id}"

@@ -1,0 +1,60 @@
+"""Removing a backup's stored files, then its rows. Unreachable storage: retry with backoff."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from arq import Retry
+from sqlalchemy import delete, func, select
+
+from app.backups.storage_access import backup_prefix, open_driver
+from app.models import Backup, BackupChain, BackupFile
+from app.storage.base import StorageError
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+MAX_BACKOFF_S = 3600
+
+
+async def delete_backup_files(ctx: WorkerContext, backup_id: str) -> str:
+    async with ctx["sessionmaker"]() as session:
+        backup = await session.scalar(
+            select(Backup).where(Backup.id == uuid.UUID(backup_id)).with_for_update()
+        )
+        if backup is None:
+            return "gone"
+        if backup.status != "deleting":
+            return f"not deleting ({backup.status})"
+        files = list(
+            await session.scalars(select(BackupFile).where(BackupFile.backup_id == backup.id))
+        )
+        chain = await session.get(BackupChain, backup.chain_id) if backup.chain_id else None
+        storage_id = backup.storage_id or (chain.storage_id if chain else None)
+        if storage_id is not None:
+            try:
+                driver = await open_driver(session, storage_id)
+                try:
+                    for f in files:
+                        await driver.delete(f.object_key)
+                    if chain is not None:
+                        prefix = backup_prefix(backup.instance_id, chain.id, backup.id)
+                        await driver.delete(f"{prefix}/manifest.json")
+                finally:
+                    await driver.close()
+            except (StorageError, OSError) as exc:
+                backup.delete_attempts += 1
+                backup.delete_error = f"Backup storage is unreachable: {exc}"
+                await session.commit()
+                defer = min(MAX_BACKOFF_S, 10 * 2 ** min(backup.delete_attempts, 12))
+                log.warning("deleting backup %s failed (%s); retry in %ss", backup_id, exc, defer)
+                raise Retry(defer=defer) from exc
+        await session.execute(delete(Backup).where(Backup.id == backup.id))
+        if chain is not None:
+            left = await session.scalar(
+                select(func.count()).select_from(Backup).where(Backup.chain_id == chain.id)
+            )
+            if not left:
+                await session.delete(chain)
+        await session.commit()
+    return "deleted"
