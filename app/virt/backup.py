@@ -255,7 +255,9 @@ def _wait(
             cancel.wait(interval)
         else:
             time.sleep(interval)
-        interval = min(interval * 1.5, POLL_INTERVAL * 5)
+        # Poll fast while a job is young (most finish in seconds), relax for long ones.
+        elapsed = timeout - (deadline - time.monotonic())
+        interval = min(interval * 1.5, POLL_INTERVAL if elapsed < 30 else POLL_INTERVAL * 10)
 
 
 def _outcome(dom: Domain, incremental_from: str | None) -> tuple[bool, int]:
@@ -263,6 +265,7 @@ def _outcome(dom: Domain, incremental_from: str | None) -> tuple[bool, int]:
     stats = _job_stats(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     jtype = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
     total = int(stats.get("disk_total", 0))
+    log.debug("backup job of %s ended: %s", dom.name(), stats)
     if jtype == libvirt.VIR_DOMAIN_JOB_NONE:
         # Someone else read (and so cleared) the completed statistics: trust the files below.
         log.warning("completed statistics of the backup of %s were not available", dom.name())
