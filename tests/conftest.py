@@ -10,7 +10,8 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
-TEST_DB = os.environ.get("IBP_TEST_DATABASE", "ibp_test")
+# One database per test run, so parallel runs on one machine never drop each other's.
+TEST_DB = os.environ.get("IBP_TEST_DATABASE", f"ibp_test_{os.getpid()}")
 PG_ADMIN_DSN = os.environ.get("IBP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 os.environ.setdefault("IBP_ENVIRONMENT", "test")
 os.environ.setdefault("IBP_SECRET_KEY", "test-secret-key-that-is-long-enough-for-the-check")
@@ -42,13 +43,17 @@ from app.models import Base  # noqa: E402
 from app.paths import ALEMBIC_INI  # noqa: E402
 
 
+async def _drop_database(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", TEST_DB
+    )
+    await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}"')
+
+
 async def _recreate_database() -> None:
     conn = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", TEST_DB
-        )
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DB}"')
+        await _drop_database(conn)
         await conn.execute(f'CREATE DATABASE "{TEST_DB}"')
     finally:
         await conn.close()
@@ -68,6 +73,11 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(settings.database_url, pool_size=10)
     yield engine
     await engine.dispose()
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await _drop_database(conn)
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
