@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -91,11 +91,32 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, title, detail, exc.headers)
 
 
+def _field_path(loc: Sequence[Any], body: Any) -> str:
+    """A dotted field name; drops "body" and the tag a discriminated union adds ("s3.config")."""
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    if loc and loc[0] != "body":
+        return ".".join(str(p) for p in parts)
+    names: list[str] = []
+    node = body
+    for i, part in enumerate(parts):
+        if isinstance(node, dict):
+            following = parts[i + 1] if i + 1 < len(parts) else None
+            if part not in node and following is not None and following in node:
+                continue  # a union member's tag, not a field of the request
+            node = node.get(part) if isinstance(part, str) else None
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            node = None
+        names.append(str(part))
+    return ".".join(names)
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",)),
+            "field": _field_path(tuple(err.get("loc", ())), exc.body),
             "message": err.get("msg", ""),
             "type": err.get("type", ""),
         }
