@@ -7,6 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Backup, BackupChain
@@ -35,7 +36,7 @@ async def chain_states(
     latest_full = (
         select(Backup.instance_id, Backup.chain_id, Backup.created_at)
         .where(Backup.instance_id.in_(ids), Backup.type == "full", Backup.status == "completed")
-        .distinct(Backup.instance_id)
+        .ext(distinct_on(Backup.instance_id))
         .order_by(Backup.instance_id, Backup.created_at.desc())
     )
     fulls = {r.instance_id: r for r in (await session.execute(latest_full)).all()}
@@ -46,7 +47,7 @@ async def chain_states(
             Backup.type == "full",
             Backup.status.in_(("completed", "failed")),
         )
-        .distinct(Backup.instance_id)
+        .ext(distinct_on(Backup.instance_id))
         .order_by(Backup.instance_id, Backup.created_at.desc())
     )
     attempts = {r.instance_id: r for r in (await session.execute(latest_attempt)).all()}
@@ -67,7 +68,7 @@ async def chain_states(
         tip_rows = (
             select(Backup.chain_id, Backup.id, Backup.checkpoint_name)
             .where(Backup.chain_id.in_(chain_ids), Backup.status == "completed")
-            .distinct(Backup.chain_id)
+            .ext(distinct_on(Backup.chain_id))
             .order_by(Backup.chain_id, Backup.created_at.desc())
         )
         for r in (await session.execute(tip_rows)).all():

@@ -156,6 +156,11 @@ def _plan_instance(
 ) -> dict[str, object] | None:
     """The backup row this slot creates for the instance, or None when it is skipped."""
     base: dict[str, object] = {
+        # Every row carries every key: they go into one multi-row INSERT.
+        "error": None,
+        "completed_at": None,
+        "plan_reason": None,
+        "chain_reset_reason": None,
         "id": uuid.uuid4(),
         "instance_id": instance.id,
         "policy_id": policy.id,
