@@ -12,8 +12,15 @@ from app.backups.schemas import BackupRead
 from app.db import SessionDep
 from app.errors import problem_responses
 from app.instances.schemas import InstanceBrief
-from app.policies import service
-from app.policies.schemas import AttachRequest, PolicyCreate, PolicyRead, PolicyStatus, PolicyUpdate
+from app.policies import preview, service
+from app.policies.schemas import (
+    AttachRequest,
+    PolicyCreate,
+    PolicyRead,
+    PolicyStatus,
+    PolicyUpdate,
+    SchedulePreviewRun,
+)
 from app.schemas import Page, PageDep, fetch_page
 
 router = APIRouter(
@@ -65,6 +72,23 @@ async def update(
 )
 async def delete(policy_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> None:
     await service.delete_policy(session, user, policy_id)
+
+
+@router.get(
+    "/{policy_id}/schedule-preview",
+    summary="The next runs (UTC and local) and whether each is a full or an incremental",
+)
+async def schedule_preview(
+    policy_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    count: Annotated[int, Query(ge=1, le=100)] = 10,
+    instance_id: Annotated[
+        uuid.UUID | None,
+        Query(description="Plan from this attached instance's real chain (default: a new one)."),
+    ] = None,
+) -> list[SchedulePreviewRun]:
+    return await preview.schedule_preview(session, user, policy_id, count, instance_id)
 
 
 @router.get("/{policy_id}/instances", summary="Instances attached to the policy")
