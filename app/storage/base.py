@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-# 8 MiB keeps per-call overhead negligible on every protocol while a handful of
-# chunks in flight still fits the worker's memory budget.
-CHUNK_SIZE = 8 * 1024 * 1024
+# 1 MiB chunks stay in CPU cache between read, hash and write; 8 MiB chunks made the
+# local copy 2x slower (fresh mmap'd buffers, cache misses) on the test machine.
+CHUNK_SIZE = 1024 * 1024
 
 # Network reads arrive in small pieces; joining them to 1 MiB keeps consumers'
 # per-chunk costs (thread hops, hashing calls) negligible.
