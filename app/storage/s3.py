@@ -196,7 +196,7 @@ class S3Driver:
                     Key=s3_key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=cast(bytes, body),
+                    Body=body,
                 ),
             )
             etags[number] = resp["ETag"]
