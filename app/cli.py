@@ -37,6 +37,23 @@ async def _create_admin(email: str, password: str) -> None:
     print(f"{'Created' if created else 'Updated'} admin {user.email} ({user.id})")
 
 
+async def _run_backup(backup_id: str) -> None:
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from worker.tasks.backup import run_backup
+
+    settings = get_settings()
+    engine = build_engine(settings)
+    try:
+        result = await run_backup(
+            {"settings": settings, "sessionmaker": build_sessionmaker(engine), "job_try": 1},
+            backup_id,
+        )
+    finally:
+        await engine.dispose()
+    print(result)
+
+
 def _openapi(_: argparse.Namespace) -> None:
     from app.main import create_app
 
@@ -75,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
     admin.set_defaults(func=lambda a: asyncio.run(_create_admin(a.email, a.password)))
+
+    run_backup = sub.add_parser(
+        "run-backup", help="run one pending backup now, in this process (for operators)"
+    )
+    run_backup.add_argument("backup_id")
+    run_backup.set_defaults(func=lambda a: asyncio.run(_run_backup(a.backup_id)))
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=_openapi)

@@ -1,0 +1,97 @@
+"""Fixtures for jobs that run against real libvirt, real storage and committed transactions."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from arq.connections import ArqRedis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.models import BackupPolicy, BackupStorage, Hypervisor, Instance, User
+from tests.factories import create_instance, create_location, create_policy, create_user
+from tests.virt.conftest import libvirtd, make_vm  # noqa: F401  (fixtures shared with virt)
+from tests.virt.vmkit import VM, VMFactory
+from worker.context import WorkerContext
+
+
+@pytest.fixture
+def real_sessionmaker(committed_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(committed_engine, expire_on_commit=False, autoflush=False)
+
+
+@pytest.fixture
+def worker_ctx(
+    real_sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, arq_redis: ArqRedis
+) -> WorkerContext:
+    return {
+        "sessionmaker": real_sessionmaker,
+        "settings": settings,
+        "redis": arq_redis,
+        "job_try": 1,
+    }
+
+
+@dataclass
+class World:
+    """One VM on one hypervisor with local storage, owned by a user with a policy."""
+
+    vm: VM
+    user: User
+    storage: BackupStorage
+    storage_dir: Path
+    hypervisor: Hypervisor
+    instance: Instance
+    policy: BackupPolicy
+
+
+@pytest.fixture
+async def world(
+    make_vm: VMFactory,  # noqa: F811
+    real_sessionmaker: async_sessionmaker[AsyncSession],
+    tmp_path: Path,
+) -> AsyncIterator[World]:
+    vm = make_vm("job")
+    storage_dir = tmp_path / "storage"
+    storage_dir.mkdir()
+    async with real_sessionmaker() as session:
+        user = await create_user(session, timezone="Europe/Paris")
+        location = await create_location(session, backup_price_per_gb_month="0.05")
+        storage = BackupStorage(
+            id=uuid.uuid4(),
+            name=f"local-{uuid.uuid4().hex[:6]}",
+            kind="local",
+            config={"path": str(storage_dir)},
+            status="unknown",
+        )
+        session.add(storage)
+        await session.flush()
+        hypervisor = Hypervisor(
+            id=uuid.uuid4(),
+            name=f"hv-{uuid.uuid4().hex[:6]}",
+            location_id=location.id,
+            libvirt_uri=vm.uri,
+            backup_storage_id=storage.id,
+            max_concurrent_backups=2,
+            scratch_dir=str(tmp_path / "scratch"),
+        )
+        session.add(hypervisor)
+        await session.flush()
+        policy = await create_policy(session, user, backup_device="all", max_incremental_chain=6)
+        instance = await create_instance(
+            session,
+            user,
+            hypervisor_id=hypervisor.id,
+            domain_name=vm.name,
+            backup_policy_id=policy.id,
+            disks=[
+                {"target": "vda", "boot": True, "size_bytes": 64 * 1024**2},
+                {"target": "vdb", "boot": False, "size_bytes": 32 * 1024**2},
+            ],
+        )
+        await session.commit()
+    yield World(vm, user, storage, storage_dir, hypervisor, instance, policy)
