@@ -4,6 +4,7 @@ from app.models.backup import Backup, BackupChain, BackupFile
 from app.models.base import Base
 from app.models.inventory import BackupStorage, Hypervisor, Instance, InstanceDisk, Location
 from app.models.policy import BackupPolicy
+from app.models.restore import Restore
 from app.models.user import ApiToken, User
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "Instance",
     "InstanceDisk",
     "Location",
+    "Restore",
     "User",
 ]
