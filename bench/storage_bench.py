@@ -1,7 +1,7 @@
 """Upload throughput and peak RSS of each storage driver against its protocol's reference client.
 
 Run by hand (as root, for sshd):  .venv/bin/python bench/storage_bench.py [--size-gib N] [--big]
-Each upload runs in its own subprocess, so its peak RSS (ru_maxrss) is the upload's alone;
+Each upload runs in its own subprocess, so its peak RSS (VmHWM) is the upload's alone;
 driver and reference alternate on the same server in one run.
 """
 
@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -116,7 +115,9 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     digest = asyncio.run(upload(args.kind, config, args.src, args.key))
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"seconds": seconds, "peak_rss": peak, "sha256": digest}))
 
 
