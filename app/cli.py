@@ -1,4 +1,4 @@
-"""The `ibp` command: serve, worker, create-admin, openapi, migrate."""
+"""The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, openapi."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -35,6 +40,78 @@ async def _create_admin(email: str, password: str) -> None:
     finally:
         await engine.dispose()
     print(f"{'Created' if created else 'Updated'} admin {user.email} ({user.id})")
+
+
+def _setup_local(data_dir: str) -> None:
+    """One machine, one hypervisor: a location, a local-disk storage and this host, idempotent."""
+    from pathlib import Path
+
+    root = Path(data_dir).resolve()
+    (root / "backups").mkdir(parents=True, exist_ok=True)
+    (root / "scratch").mkdir(parents=True, exist_ok=True)
+    asyncio.run(_register_local(root))
+    print(f"Local setup ready: hypervisor 'local', storage 'local-disk' at {root / 'backups'}")
+
+
+async def _register_local(root: Path) -> None:
+    from sqlalchemy import select
+
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from app.models import BackupStorage, Hypervisor, Location
+
+    engine = build_engine(get_settings())
+    try:
+        async with build_sessionmaker(engine)() as session:
+            location = await session.scalar(select(Location).where(Location.name == "local"))
+            if location is None:
+                location = Location(name="local")
+                session.add(location)
+            storage = await session.scalar(
+                select(BackupStorage).where(BackupStorage.name == "local-disk")
+            )
+            if storage is None:
+                storage = BackupStorage(
+                    name="local-disk", kind="local", config={"path": str(root / "backups")}
+                )
+                session.add(storage)
+            await session.flush()
+            hypervisor = await session.scalar(select(Hypervisor).where(Hypervisor.name == "local"))
+            if hypervisor is None:
+                session.add(
+                    Hypervisor(
+                        name="local",
+                        location_id=location.id,
+                        libvirt_uri="qemu:///system",
+                        backup_storage_id=storage.id,
+                        scratch_dir=str(root / "scratch"),
+                    )
+                )
+            await session.commit()
+    finally:
+        await engine.dispose()
+
+
+async def _create_token(email: str, name: str) -> None:
+    from sqlalchemy import select
+
+    from app.auth.schemas import ApiTokenCreate
+    from app.auth.service import create_token
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from app.models import User
+
+    engine = build_engine(get_settings())
+    try:
+        async with build_sessionmaker(engine)() as session:
+            user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+            if user is None:
+                raise SystemExit(f"No user with email {email}")
+            _, token = await create_token(session, user, ApiTokenCreate(name=name))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    print(token)
 
 
 async def _run_backup(backup_id: str) -> None:
@@ -70,6 +147,12 @@ def _migrate(_: argparse.Namespace) -> None:
     command.upgrade(Config(str(ALEMBIC_INI)), "head")
 
 
+def _settings() -> Settings:
+    from app.config import get_settings
+
+    return get_settings()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ibp", description="Instance Backup Policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
     admin.set_defaults(func=lambda a: asyncio.run(_create_admin(a.email, a.password)))
+
+    local = sub.add_parser(
+        "setup-local", help="register this machine as hypervisor 'local' with local-disk storage"
+    )
+    local.add_argument("--data-dir", default=None, help="default: IBP_DATA_DIR (./var)")
+    local.set_defaults(func=lambda a: _setup_local(a.data_dir or _settings().data_dir))
+
+    token = sub.add_parser("create-token", help="print a new personal API token for a user")
+    token.add_argument("--email", required=True)
+    token.add_argument("--name", default="cli")
+    token.set_defaults(func=lambda a: asyncio.run(_create_token(a.email, a.name)))
 
     run_backup = sub.add_parser(
         "run-backup", help="run one pending backup now, in this process (for operators)"
