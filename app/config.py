@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     # Scheduler knobs (see ARCHITECTURE.md: catch-up, stale work).
     catch_up_grace_hours: float = Field(default=6.0, ge=0)
     stale_backup_minutes: float = Field(default=15.0, gt=0)
+    # > 0: the tick re-verifies each instance's newest chain when its last check is older.
+    verify_interval_hours: float = Field(default=0.0, ge=0)
     # Where local-disk storage lives when the service is started by the README's one command.
     data_dir: str = "./var"
 

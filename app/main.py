@@ -20,6 +20,7 @@ from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
 from app.policies.router import router as policies_router
+from app.restores.router import router as restores_router
 from app.storages.router import router as storages_router
 from app.users.router import me_router, users_router
 
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         instances_router,
         policies_router,
         backups_router,
+        restores_router,
     ):
         api.include_router(router)
 

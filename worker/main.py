@@ -23,9 +23,13 @@ from app.queues import CONTROL_QUEUE, hypervisor_queue
 from worker.tasks.backup import run_backup
 from worker.tasks.control import tick
 from worker.tasks.deletion import delete_backup_files
+from worker.tasks.restore import run_restore
+from worker.tasks.verify import verify_backup
 
 log = logging.getLogger("ibp.worker")
 BACKUP_TIMEOUT_S = 12 * 3600
+RESTORE_TIMEOUT_S = 12 * 3600
+VERIFY_TIMEOUT_S = 12 * 3600
 DELETE_MAX_TRIES = 1000  # unreachable storage is retried with backoff, never given up silently
 
 
@@ -67,7 +71,13 @@ def _workers(settings: Settings, hypervisor: Hypervisor | None, control: bool) -
     if hypervisor is not None:
         workers.append(
             Worker(
-                functions=[func(_job(run_backup), timeout=BACKUP_TIMEOUT_S, max_tries=2)],
+                functions=[
+                    func(_job(run_backup), timeout=BACKUP_TIMEOUT_S, max_tries=2),
+                    # A second try only cleans up after a dead worker (see _recover_interrupted).
+                    func(_job(run_restore), timeout=RESTORE_TIMEOUT_S, max_tries=2),
+                    # No kept result: the next verify of the same backup may reuse its job id.
+                    func(_job(verify_backup), timeout=VERIFY_TIMEOUT_S, keep_result=0),
+                ],
                 queue_name=hypervisor_queue(hypervisor.id),
                 max_jobs=hypervisor.max_concurrent_backups,
                 redis_settings=redis,

@@ -5,13 +5,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.models import Backup, BackupChain
+from app.models import Backup, BackupChain, Restore
 from app.scheduling import ChainInfo, ChainState
+
+RESTORED = "instance was restored from a backup"
+ACTIVE = ("pending", "in_progress")
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class InstanceChain:
     tip_checkpoint: str | None
     backup_device: str | None
     disks: list[dict[str, object]]
-    busy: bool  # a backup is pending or in progress
+    busy: bool  # a backup or a restore is pending or in progress
 
 
 async def chain_states(
@@ -55,25 +59,51 @@ async def chain_states(
         (
             await session.scalars(
                 select(Backup.instance_id)
-                .where(Backup.instance_id.in_(ids), Backup.status.in_(("pending", "in_progress")))
+                .where(Backup.instance_id.in_(ids), Backup.status.in_(ACTIVE))
                 .distinct()
             )
         ).all()
     )
+    # A restore and a backup of one instance never run at the same time.
+    busy |= set(
+        (
+            await session.scalars(
+                select(Restore.instance_id)
+                .where(Restore.instance_id.in_(ids), Restore.status.in_(ACTIVE))
+                .distinct()
+            )
+        ).all()
+    )
+    # An in-place restore rewrote the disk: the checkpoints no longer describe it.
+    restored = {
+        r.instance_id: r.completed_at
+        for r in (
+            await session.execute(
+                select(Restore.instance_id, Restore.completed_at)
+                .where(
+                    Restore.instance_id.in_(ids),
+                    Restore.target == "in_place",
+                    Restore.status == "completed",
+                )
+                .ext(distinct_on(Restore.instance_id))
+                .order_by(Restore.instance_id, Restore.completed_at.desc().nulls_last())
+            )
+        ).all()
+    }
     chain_ids = [r.chain_id for r in fulls.values() if r.chain_id is not None]
-    tips: dict[uuid.UUID, tuple[uuid.UUID, str | None]] = {}
+    tips: dict[uuid.UUID, tuple[uuid.UUID, str | None, datetime | None]] = {}
     incrementals: dict[uuid.UUID, int] = {}
     chains: dict[uuid.UUID, BackupChain] = {}
     if chain_ids:
         tip_rows = (
-            select(Backup.chain_id, Backup.id, Backup.checkpoint_name)
+            select(Backup.chain_id, Backup.id, Backup.checkpoint_name, Backup.completed_at)
             .where(Backup.chain_id.in_(chain_ids), Backup.status == "completed")
             .ext(distinct_on(Backup.chain_id))
             .order_by(Backup.chain_id, Backup.created_at.desc())
         )
         for r in (await session.execute(tip_rows)).all():
             if r.chain_id is not None:
-                tips[r.chain_id] = (r.id, r.checkpoint_name)
+                tips[r.chain_id] = (r.id, r.checkpoint_name, r.completed_at)
         count_rows = (
             select(Backup.chain_id, func.count())
             .where(
@@ -103,13 +133,13 @@ async def chain_states(
             result[instance_id] = InstanceChain(state, None, None, None, None, [], is_busy)
             continue
         found = chains.get(full.chain_id)
-        tip_id, tip_checkpoint = tips.get(full.chain_id, (None, None))
+        tip_id, tip_checkpoint, tip_done = tips.get(full.chain_id, (None, None, None))
         usable = attempt is None or attempt.status == "completed"
-        state = ChainState(
-            incrementals.get(full.chain_id, 0),
-            usable,
-            None if usable else "previous full backup failed",
-        )
+        reason = None if usable else "previous full backup failed"
+        restored_at = restored.get(instance_id)
+        if usable and restored_at is not None and (tip_done is None or restored_at > tip_done):
+            usable, reason = False, RESTORED
+        state = ChainState(incrementals.get(full.chain_id, 0), usable, reason)
         result[instance_id] = InstanceChain(
             state=state,
             chain_id=full.chain_id,
@@ -138,3 +168,22 @@ async def completed_chains(session: AsyncSession, instance_id: uuid.UUID) -> lis
         )
     ).all()
     return [ChainInfo(id=r[0], started_at=r[1], full_completed=True) for r in rows]
+
+
+async def active_work(session: AsyncSession, instance_id: uuid.UUID) -> str | None:
+    """Why the instance cannot start a backup or a restore now, or None when it can."""
+    backup = await session.scalar(
+        select(Backup.status)
+        .where(Backup.instance_id == instance_id, Backup.status.in_(ACTIVE))
+        .limit(1)
+    )
+    if backup is not None:
+        return f"A backup of this instance is {backup.replace('_', ' ')}"
+    restore = await session.scalar(
+        select(Restore.status)
+        .where(Restore.instance_id == instance_id, Restore.status.in_(ACTIVE))
+        .limit(1)
+    )
+    if restore is not None:
+        return f"A restore of this instance is {restore.replace('_', ' ')}"
+    return None

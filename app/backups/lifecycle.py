@@ -11,11 +11,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.backups.chains import completed_chains
 from app.backups.service import mark_for_deletion
 from app.db import JobQueue
-from app.models import Backup, BackupPolicy, Instance
+from app.models import Backup, BackupPolicy, Instance, Restore
 from app.scheduling import chains_to_delete
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
 NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
+RESTORE_WORKER_LOST = (
+    "Worker lost: no heartbeat from the restore job. Disks are replaced only after the new "
+    "image is whole and checked; check the instance before retrying"
+)
+RESTORE_NEVER_STARTED = "Restore never started: is the hypervisor's worker running?"
 
 
 async def apply_retention(
@@ -97,4 +102,24 @@ async def reap_stale(
         for backup in rows:
             await record_failure(session, backup, message, now)
             reaped.append(backup.id)
+    return reaped
+
+
+async def reap_stale_restores(
+    session: AsyncSession, now: datetime, stale_after: timedelta, start_within: timedelta
+) -> list[uuid.UUID]:
+    """Fail restores whose worker vanished: a stuck restore would block the instance's backups."""
+    reaped: list[uuid.UUID] = []
+    for status, limit, column, message in (
+        ("in_progress", stale_after, Restore.heartbeat_at, RESTORE_WORKER_LOST),
+        ("pending", start_within, Restore.created_at, RESTORE_NEVER_STARTED),
+    ):
+        reaped += (
+            await session.scalars(
+                update(Restore)
+                .where(Restore.status == status, column < now - limit)
+                .values(status="failed", error=message, completed_at=now, progress=None)
+                .returning(Restore.id)
+            )
+        ).all()
     return reaped

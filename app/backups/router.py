@@ -6,8 +6,14 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.auth.deps import CurrentUser
-from app.backups import service
-from app.backups.schemas import BackupDeletion, BackupRead, BackupStatus, BackupType
+from app.backups import manual, service, verification
+from app.backups.schemas import (
+    BackupDeletion,
+    BackupNowRequest,
+    BackupRead,
+    BackupStatus,
+    BackupType,
+)
 from app.db import JobQueueDep, SessionDep
 from app.errors import problem_responses
 from app.instances.service import get_instance
@@ -56,3 +62,32 @@ async def delete(
     ] = False,
 ) -> BackupDeletion:
     return await service.delete_backup(session, user, backup_id, cascade, jobs)
+
+
+@router.post(
+    "/instances/{instance_id}/backups",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Back up now (a manual backup that follows the chain rules)",
+    responses=problem_responses(409),
+)
+async def backup_now(
+    instance_id: uuid.UUID,
+    session: SessionDep,
+    user: CurrentUser,
+    jobs: JobQueueDep,
+    payload: BackupNowRequest | None = None,
+) -> BackupRead:
+    force_full = payload is not None and payload.type == "full"
+    return await manual.backup_now(session, user, instance_id, force_full, jobs)
+
+
+@router.post(
+    "/backups/{backup_id}/verify",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Verify a backup: fetch its chain, check every hash, rebuild and check the images",
+    responses=problem_responses(409),
+)
+async def verify(
+    backup_id: uuid.UUID, session: SessionDep, user: CurrentUser, jobs: JobQueueDep
+) -> BackupRead:
+    return await verification.request_verify(session, user, backup_id, jobs)

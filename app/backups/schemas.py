@@ -50,3 +50,10 @@ class BackupRead(BaseModel):
 class BackupDeletion(BaseModel):
     backup_ids: list[uuid.UUID] = Field(description="Every backup being deleted, dependants too.")
     status: Literal["deleting"] = "deleting"
+
+
+class BackupNowRequest(BaseModel):
+    type: Literal["full"] | None = Field(
+        default=None,
+        description="'full' starts a new chain; omitted or null follows the chain rules.",
+    )

@@ -18,14 +18,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app import virt
 from app.backups.chains import InstanceChain, chain_states
 from app.backups.lifecycle import apply_retention, record_failure, record_success
 from app.backups.storage_access import backup_prefix, open_driver
 from app.db import JobQueue
-from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Hypervisor, Instance
+from app.models import (
+    Backup,
+    BackupChain,
+    BackupFile,
+    BackupPolicy,
+    Hypervisor,
+    Instance,
+    Restore,
+)
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
 from app.storage.files import iter_file
 from worker.context import WorkerContext
@@ -100,9 +108,35 @@ async def run_backup(ctx: WorkerContext, backup_id: str) -> str:
     return result
 
 
+RESTORE_RUNNING = "A restore of this instance is in progress"
+
+
 async def _claim(ctx: WorkerContext, backup_id: uuid.UUID) -> Work | None:
     now = _now()
     async with ctx["sessionmaker"]() as session:
+        # The instance row lock is shared with the restore job's claim: never both at once.
+        instance_id = await session.scalar(
+            select(Instance.id)
+            .join(Backup, Backup.instance_id == Instance.id)
+            .where(Backup.id == backup_id)
+            .with_for_update(of=Instance)
+        )
+        restoring = await session.scalar(
+            select(Restore.id)
+            .where(Restore.instance_id == instance_id, Restore.status == "in_progress")
+            .limit(1)
+        )
+        if restoring is not None:
+            refused = await session.scalar(
+                update(Backup)
+                .where(Backup.id == backup_id, Backup.status == "pending")
+                .values(status="failed", error=RESTORE_RUNNING, completed_at=now, progress=None)
+                .returning(Backup)
+            )
+            if refused is not None:
+                await record_failure(session, refused, RESTORE_RUNNING, now)
+            await session.commit()
+            return None
         backup = await session.scalar(
             update(Backup)
             .where(Backup.id == backup_id, Backup.status == "pending")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.backups.lifecycle import reap_stale
+from app.backups.lifecycle import reap_stale, reap_stale_restores
+from app.backups.verification import due_for_verification, enqueue_verify
+from app.db import JobQueue
 from worker.context import WorkerContext
 from worker.tasks.tick import run_tick
 
@@ -20,9 +22,33 @@ async def tick(ctx: WorkerContext) -> str:
             timedelta(minutes=settings.stale_backup_minutes),
             max(grace, timedelta(hours=1)),
         )
+        reaped += await reap_stale_restores(
+            session,
+            now,
+            timedelta(minutes=settings.stale_backup_minutes),
+            max(grace, timedelta(hours=1)),
+        )
         await session.commit()
     result = await run_tick(ctx["sessionmaker"], ctx.get("redis"), now, grace)
+    verifies = await schedule_verifications(ctx, now)
     return (
         f"policies={result.policies} dispatched={len(result.dispatched)} "
-        f"skipped={result.skipped} reaped={len(reaped)}"
+        f"skipped={result.skipped} reaped={len(reaped)} verifies={verifies}"
     )
+
+
+async def schedule_verifications(ctx: WorkerContext, now: datetime) -> int:
+    """Enqueue a verify of each instance's newest backup whose chain was not checked lately.
+
+    The fixed job id (verify:<backup id>) keeps repeated ticks from queueing one twice.
+    """
+    hours = ctx["settings"].verify_interval_hours
+    if hours <= 0:
+        return 0
+    jobs = JobQueue()
+    async with ctx["sessionmaker"]() as session:
+        due = await due_for_verification(session, now, timedelta(hours=hours))
+    for backup_id, hypervisor_id in due:
+        enqueue_verify(jobs, backup_id, hypervisor_id)
+    await jobs.flush(ctx.get("redis"))
+    return len(due)

@@ -1,0 +1,96 @@
+"""Verified backups: on request, and periodically for each instance's newest chain."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
+
+from app.backups.schemas import BackupRead
+from app.backups.service import get_backup_row, to_reads
+from app.db import JobQueue
+from app.errors import Conflict
+from app.models import Backup, Instance, User
+from app.queues import hypervisor_queue
+
+DUE_BATCH = 500  # per tick: the rest are picked up by the next ticks
+
+
+def enqueue_verify(jobs: JobQueue, backup_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
+    # It runs on the instance's hypervisor: that worker has the scratch space and qemu-img.
+    jobs.add(
+        "verify_backup",
+        str(backup_id),
+        queue_name=hypervisor_queue(hypervisor_id),
+        job_id=f"verify:{backup_id}",
+    )
+
+
+async def request_verify(
+    session: AsyncSession, user: User, backup_id: uuid.UUID, jobs: JobQueue
+) -> BackupRead:
+    row = await get_backup_row(session, user, backup_id)
+    backup = row[0]
+    if backup.status != "completed":
+        raise Conflict(f"Only completed backups can be verified (this one is {backup.status})")
+    hypervisor_id = await session.scalar(
+        select(Instance.hypervisor_id).where(Instance.id == backup.instance_id)
+    )
+    assert hypervisor_id is not None
+    enqueue_verify(jobs, backup.id, hypervisor_id)
+    return (await to_reads(session, [row]))[0]
+
+
+async def due_for_verification(
+    session: AsyncSession, now: datetime, interval: timedelta
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(backup id, hypervisor id) of each instance's newest completed backup whose chain has
+    not been verified within ``interval``; at most DUE_BATCH rows."""
+    newest = (
+        select(Backup.id, Backup.chain_id, Backup.instance_id)
+        .where(Backup.status == "completed", Backup.chain_id.is_not(None))
+        .ext(distinct_on(Backup.instance_id))
+        .order_by(Backup.instance_id, Backup.created_at.desc())
+        .subquery()
+    )
+    checked = aliased(Backup)
+    recently_checked = (
+        select(checked.id)
+        .where(checked.chain_id == newest.c.chain_id, checked.verified_at >= now - interval)
+        .exists()
+    )
+    rows = (
+        await session.execute(
+            select(newest.c.id, Instance.hypervisor_id)
+            .join(Instance, Instance.id == newest.c.instance_id)
+            .where(~recently_checked)
+            .limit(DUE_BATCH)
+        )
+    ).all()
+    return [(r[0], r[1]) for r in rows]
+
+
+async def record_verification(
+    session: AsyncSession,
+    backup_id: uuid.UUID,
+    now: datetime,
+    error: str | None,
+    culprit: uuid.UUID | None = None,
+) -> None:
+    """The verified backup gets the outcome; a corrupt chain member is marked bad as well,
+    so a backup once verified good is never silently kept as good."""
+    await session.execute(
+        update(Backup)
+        .where(Backup.id == backup_id)
+        .values(verified_at=now, verify_ok=error is None, verify_error=error)
+    )
+    if error is not None and culprit is not None and culprit != backup_id:
+        await session.execute(
+            update(Backup)
+            .where(Backup.id == culprit)
+            .values(verified_at=now, verify_ok=False, verify_error=error)
+        )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, status
+
+from app.auth.deps import CurrentUser
+from app.db import JobQueueDep, SessionDep
+from app.errors import problem_responses
+from app.instances.service import get_instance
+from app.restores import service
+from app.restores.schemas import RestoreCreate, RestoreRead
+from app.schemas import Page, PageDep, fetch_page
+
+router = APIRouter(tags=["restores"], responses=problem_responses(401, 404, 422))
+
+
+@router.post(
+    "/backups/{backup_id}/restore",
+    status_code=status.HTTP_202_ACCEPTED,
+    name="create",
+    summary="Restore a backup onto its instance (in place) or next to its disks (new disk)",
+    responses=problem_responses(409),
+)
+async def create(
+    backup_id: uuid.UUID,
+    payload: RestoreCreate,
+    session: SessionDep,
+    user: CurrentUser,
+    jobs: JobQueueDep,
+) -> RestoreRead:
+    restore = await service.start_restore(session, user, backup_id, payload.target, jobs)
+    return RestoreRead.model_validate(restore)
+
+
+@router.get("/restores/{restore_id}", name="read", summary="Read a restore")
+async def read(restore_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> RestoreRead:
+    return RestoreRead.model_validate(await service.get_restore(session, user, restore_id))
+
+
+@router.get(
+    "/instances/{instance_id}/restores",
+    name="list_for_instance",
+    summary="List an instance's restores",
+)
+async def list_for_instance(
+    instance_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
+) -> Page[RestoreRead]:
+    instance = await get_instance(session, user, instance_id)
+    rows, total = await fetch_page(session, service.list_statement(user, instance.id), page)
+    items = [RestoreRead.model_validate(r[0]) for r in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas import Schema
+
+RestoreTarget = Literal["in_place", "new_disk"]
+RestoreStatus = Literal["pending", "in_progress", "completed", "failed"]
+
+
+class RestoreCreate(BaseModel):
+    target: RestoreTarget = Field(
+        description=(
+            "in_place: replace the instance's disks with the backup's content (the instance "
+            "must be stopped). new_disk: write the restored images next to its disks."
+        )
+    )
+
+
+class RestoreRead(Schema):
+    id: uuid.UUID
+    backup_id: uuid.UUID | None = Field(description="Null once the backup itself is deleted.")
+    instance_id: uuid.UUID
+    target: RestoreTarget
+    status: RestoreStatus
+    progress: int | None = Field(description="0-100 while in progress.")
+    error: str | None
+    result: dict[str, str] = Field(
+        description="new_disk: where each restored disk was written, e.g. {'vda': '/path'}."
+    )
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
