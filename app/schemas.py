@@ -9,7 +9,7 @@ from zoneinfo import available_timezones
 
 from fastapi import Depends, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 T = TypeVar("T")
@@ -46,7 +46,9 @@ async def fetch_page(
     session: AsyncSession, stmt: Select[*Ts], params: PageParams
 ) -> tuple[list[Any], int]:
     """Rows of one page and the total, in two queries whatever the page holds."""
-    total = await session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    # Count over the same FROM and WHERE, without the page's extra columns (subqueries).
+    count = stmt.with_only_columns(func.count(), maintain_column_froms=True).order_by(None)
+    total = await session.scalar(count)
     rows = (await session.execute(stmt.limit(params.limit).offset(params.offset))).all()
     return list(rows), int(total or 0)
 

@@ -50,7 +50,7 @@ def list_statement(
         stmt = stmt.where(Backup.status == status)
     if type_ is not None:
         stmt = stmt.where(Backup.type == type_)
-    return stmt.order_by(Backup.created_at.desc(), Backup.id)
+    return stmt.order_by(Backup.created_at.desc(), Backup.id.desc())
 
 
 async def to_reads(session: AsyncSession, rows: Sequence[BackupRow]) -> list[BackupRead]:

@@ -45,8 +45,8 @@ class Backup(IdMixin, Base):
         CheckConstraint("progress IS NULL OR progress BETWEEN 0 AND 100", name="progress"),
         # A repeated tick cannot create a slot's backup twice.
         UniqueConstraint("instance_id", "scheduled_for", name="uq_backups_instance_slot"),
-        Index("ix_backups_instance_created", "instance_id", "created_at"),
-        Index("ix_backups_policy_created", "policy_id", "created_at"),
+        Index("ix_backups_instance_created", "instance_id", "created_at", "id"),
+        Index("ix_backups_policy_created", "policy_id", "created_at", "id"),
         Index("ix_backups_chain_id", "chain_id"),
         Index(
             "ix_backups_active",

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     ForeignKey,
+    Index,
     Numeric,
     String,
     Text,
@@ -66,6 +67,7 @@ class Instance(IdMixin, TimestampMixin, Base):
     __tablename__ = "instances"
     __table_args__ = (
         UniqueConstraint("hypervisor_id", "domain_name", name="uq_instances_hypervisor_domain"),
+        Index("ix_instances_created", "created_at", "id"),
     )
 
     name: Mapped[str] = mapped_column(String(200))

@@ -32,7 +32,9 @@ class BackupPolicy(IdMixin, TimestampMixin, Base):
             "next_run_at",
             postgresql_where="status <> 'paused'",
         ),
-        Index("ix_backup_policies_owner_created", "owner_id", "created_at"),
+        # List pages (newest first) read these in order instead of sorting every policy.
+        Index("ix_backup_policies_owner_created", "owner_id", "created_at", "id"),
+        Index("ix_backup_policies_created", "created_at", "id"),
     )
 
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))

@@ -58,7 +58,7 @@ def list_statement(
         stmt = stmt.where(BackupPolicy.owner_id == owner_id)
     if status is not None:
         stmt = stmt.where(BackupPolicy.status == status)
-    return stmt.order_by(BackupPolicy.created_at.desc(), BackupPolicy.id)
+    return stmt.order_by(BackupPolicy.created_at.desc(), BackupPolicy.id.desc())
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
