@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
 # aiohttp copies each part in flight about three times (join with headers, transport
-# buffer); 5 MiB x 3 in flight keeps a 4 GiB upload under ~150 MB RSS, and throughput on
+# buffer); 5 MiB x 2 in flight keeps a 4 GiB upload under ~150 MB RSS, and throughput on
 # loopback was the same as with 16 MiB parts (the server is the limit there).
 DEFAULT_PART_SIZE = MIN_PART_SIZE
-DEFAULT_PARTS_IN_FLIGHT = 3
+DEFAULT_PARTS_IN_FLIGHT = 2
 # S3 allows 10,000 parts; doubling the part size every 2,000 parts lets one object reach
 # ~310 GB from 5 MiB parts (more with a larger `part_size`) without knowing its size.
 PART_GROWTH_EVERY = 2000
