@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -31,6 +32,9 @@ def build_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+FLUSH_CONCURRENCY = 50
+
+
 @dataclass(frozen=True)
 class Job:
     function: str
@@ -52,9 +56,15 @@ class JobQueue:
         jobs, self.jobs = self.jobs, []
         if redis is None:
             return
-        for job in jobs:
-            await redis.enqueue_job(
-                job.function, *job.args, _job_id=job.job_id, _queue_name=job.queue_name
+        # Each enqueue is a few round trips; a tick may send a thousand, so overlap them.
+        for start in range(0, len(jobs), FLUSH_CONCURRENCY):
+            await asyncio.gather(
+                *(
+                    redis.enqueue_job(
+                        job.function, *job.args, _job_id=job.job_id, _queue_name=job.queue_name
+                    )
+                    for job in jobs[start : start + FLUSH_CONCURRENCY]
+                )
             )
 
 
