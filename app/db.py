@@ -32,7 +32,7 @@ def build_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-FLUSH_CONCURRENCY = 50
+FLUSH_CONCURRENCY = 100
 
 
 @dataclass(frozen=True)
