@@ -5,15 +5,14 @@ set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
           libvirt-dev pkg-config)
+COMMANDS=(qemu-system-x86_64 qemu-img qemu-io libvirtd virtlogd virsh pkg-config)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
-        missing+=("$pkg")
-    fi
+    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$pkg")
 done
-for cmd in qemu-system-x86_64 qemu-img libvirtd virtlogd virsh; do
-    command -v "$cmd" >/dev/null || { [ ${#missing[@]} -gt 0 ] || missing+=(qemu-system-x86); }
+for cmd in "${COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null || missing+=("command:$cmd")
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
@@ -23,6 +22,6 @@ fi
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "install-virt-deps: installing ${PACKAGES[*]} (missing: ${missing[*]})"
+echo "install-virt-deps: missing ${missing[*]}; installing"
 $SUDO apt-get update
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${PACKAGES[@]}"

@@ -235,9 +235,16 @@ def run_backup(
 def _wait(
     dom: Domain, progress: Progress | None, cancel: threading.Event | None, timeout: float
 ) -> None:
-    deadline = time.monotonic() + timeout
+    """Poll the job until it ends. Cancel and timeout are checked first, so a cancel that
+    arrives while the job finishes still wins (the caller aborts and discards everything)."""
+    start = time.monotonic()
     interval = 0.02
     while True:
+        if cancel is not None and cancel.is_set():
+            raise BackupAborted("The backup was cancelled")
+        elapsed = time.monotonic() - start
+        if elapsed >= timeout:
+            raise BackupAborted(f"The backup did not finish within {timeout:g}s and was aborted")
         stats = _job_stats(dom)
         if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
             return
@@ -245,18 +252,12 @@ def _wait(
             total = int(stats.get("disk_total", stats.get("data_total", 0)))
             done = int(stats.get("disk_processed", stats.get("data_processed", 0)))
             progress(done, total)
-        if cancel is not None and cancel.is_set():
-            _abort(dom)
-            raise BackupAborted("The backup was cancelled")
-        if time.monotonic() >= deadline:
-            _abort(dom)
-            raise BackupAborted(f"The backup did not finish within {timeout:.0f}s and was aborted")
+        wait = min(interval, max(0.0, timeout - (time.monotonic() - start)))
         if cancel is not None:
-            cancel.wait(interval)
+            cancel.wait(wait)
         else:
-            time.sleep(interval)
+            time.sleep(wait)
         # Poll fast while a job is young (most finish in seconds), relax for long ones.
-        elapsed = timeout - (deadline - time.monotonic())
         interval = min(interval * 1.5, POLL_INTERVAL if elapsed < 30 else POLL_INTERVAL * 10)
 
 

@@ -284,3 +284,59 @@ def kill_qemu(name: str, timeout: float = 10.0) -> None:
             time.sleep(0.05)
     finally:
         conn.close()
+
+
+def fill_disk(path: Path, pattern_byte: int, length: int, offset: int = 0) -> None:
+    """Write a pattern into a qcow2 of a stopped VM (allocated data costs a backup as much as
+    random data does: only all-zero clusters are skipped)."""
+    subprocess.run(
+        [
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            f"write -P {pattern_byte:#04x} {offset} {length}",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def qmp(domain: str, command: dict[str, Any]) -> Any:
+    """Send one QMP command to the domain's QEMU; returns its "return" value."""
+    import json
+
+    conn = _conn()
+    try:
+        dom = conn.lookupByName(domain)
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(command), 0))
+    finally:
+        conn.close()
+    if "error" in reply:
+        raise RuntimeError(f"QMP {command['execute']} failed: {reply['error']}")
+    return reply.get("return")
+
+
+def throttle_block_jobs(domain: str, bytes_per_sec: int) -> int:
+    """Slow every running block job (a backup job included) down; returns how many."""
+    jobs = qmp(domain, {"execute": "query-block-jobs"}) or []
+    slowed = 0
+    for job in jobs:
+        if job.get("status", "running") != "running":
+            continue
+        try:
+            qmp(
+                domain,
+                {
+                    "execute": "block-job-set-speed",
+                    "arguments": {"device": job["device"], "speed": bytes_per_sec},
+                },
+            )
+            slowed += 1
+        except RuntimeError as exc:
+            if "DeviceNotActive" not in str(exc) and "cannot accept" not in str(exc):
+                # anything but "that job has just finished"
+                raise
+    return slowed
