@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import asyncpg.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
 class Problem(BaseModel):
@@ -88,6 +91,14 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     except ValueError:
         title = "Error"
     detail = exc.detail if isinstance(exc.detail, str) else None
+    if exc.status_code == 400 and detail == BODY_PARSE_ERROR:
+        # FastAPI's answer to a body that is not even text: a validation error like any other.
+        return problem_response(
+            422,
+            "Validation failed",
+            "body: the request body could not be parsed",
+            errors=[{"field": "body", "message": "could not be parsed", "type": "json_invalid"}],
+        )
     return problem_response(exc.status_code, title, detail, exc.headers)
 
 
@@ -109,14 +120,16 @@ def _field_path(loc: Sequence[Any], body: Any) -> str:
         else:
             node = None
         names.append(str(part))
-    return ".".join(names)
+    return ".".join(names) or "body"
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
-            "field": _field_path(tuple(err.get("loc", ())), exc.body),
+            "field": "body"
+            if err.get("type") == "json_invalid"  # its loc holds a character position
+            else _field_path(tuple(err.get("loc", ())), exc.body),
             "message": err.get("msg", ""),
             "type": err.get("type", ""),
         }
@@ -126,8 +139,25 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, "Validation failed", detail, errors=errors)
 
 
+def _is_bad_data(exc: DBAPIError) -> bool:
+    """PostgreSQL refused a value itself (SQLSTATE class 22: NUL in text, out-of-range date)."""
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    return isinstance(cause, asyncpg.exceptions.DataError)
+
+
+async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DBAPIError)
+    if not _is_bad_data(exc):
+        raise exc
+    cause = exc.orig.__cause__ if exc.orig is not None else None
+    return problem_response(
+        422, "Validation failed", f"A value cannot be stored: {cause}".split("\n")[0]
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
 

@@ -90,7 +90,12 @@ async def create_token(
         if expires_at.tzinfo is None:
             expires_at = expires_at.replace(tzinfo=UTC)
         if expires_at <= _now():
-            raise Unprocessable("expires_at must be in the future")
+            raise Unprocessable(
+                "expires_at: must be in the future",
+                errors=[
+                    {"field": "expires_at", "message": "must be in the future", "type": "past"}
+                ],
+            )
     else:
         expires_at = None
     token = new_token(PERSONAL_PREFIX)

@@ -236,7 +236,8 @@ async def test_token_expiring_in_the_past_is_422(
     response = await client.post(
         "/tokens", json={"name": "old", "expires_at": expires.isoformat()}, headers=headers
     )
-    assert_problem(response, 422, field="expires_at")
+    body = assert_problem(response, 422, field="expires_at")
+    assert [e["field"] for e in body["errors"]] == ["expires_at"]
 
 
 async def test_revoked_factory_token_is_401(

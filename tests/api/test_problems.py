@@ -1,0 +1,78 @@
+"""Error rendering: every failure is an RFC 9457 problem, and bad input is a 422, not a 500."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from tests.api.helpers import admin_with_headers, assert_problem, user_with_headers
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("POST", "/auth/login", {"email": "a\x00b@example.com", "password": "x"}),
+        ("POST", "/tokens", {"name": "a\x00b"}),
+        ("PATCH", "/me", {"name": "a\x00b"}),
+        (
+            "POST",
+            "/backup-policies",
+            {"name": "a\x00", "schedule": {"frequency": "daily", "hour": 1}},
+        ),
+        ("POST", "/locations", {"name": "a\x00b"}),
+        (
+            "POST",
+            "/backup-storages",
+            {"name": "s", "kind": "nfs", "config": {"path": "/a", "server": "x\x00"}},
+        ),
+    ],
+)
+async def test_nul_characters_in_text_are_422_not_500(
+    client: httpx.AsyncClient, session: AsyncSession, method: str, url: str, body: dict[str, object]
+) -> None:
+    _, headers = await admin_with_headers(session)
+    response = await client.request(method, url, json=body, headers=headers)
+    assert_problem(response, 422)
+
+
+async def test_token_expiry_beyond_the_database_range_is_422(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers = await user_with_headers(session)
+    response = await client.post(
+        "/tokens",
+        json={"name": "forever", "expires_at": "9999-12-31T23:59:59-12:00"},
+        headers=headers,
+    )
+    assert_problem(response, 422)
+
+
+@pytest.mark.parametrize("content", [b"\xbd[\xc3", b"{not json", b""])
+async def test_unparsable_body_is_422_problem(
+    client: httpx.AsyncClient, session: AsyncSession, content: bytes
+) -> None:
+    _, headers = await user_with_headers(session)
+    response = await client.patch(
+        "/me", content=content, headers={**headers, "Content-Type": "application/json"}
+    )
+    if content == b"":
+        assert response.status_code in (200, 422)
+        return
+    assert_problem(response, 422, field="body")
+
+
+async def test_unknown_path_is_404_problem(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/no-such-thing"), 404)
+
+
+async def test_wrong_method_is_405_problem(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.put("/me"), 405)
+
+
+async def test_malformed_uuid_in_path_is_422_naming_it(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers = await user_with_headers(session)
+    response = await client.get("/backup-policies/not-a-uuid", headers=headers)
+    assert_problem(response, 422, field="policy_id")
