@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app.storage.base import (
     CHUNK_SIZE,
+    BackupStorageDriver,
     PutResult,
     Sha256Counter,
     StorageError,
@@ -98,3 +99,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def put_file(driver: BackupStorageDriver, key: str, path: Path) -> PutResult:
+    """Store a local file the cheapest way the driver offers; the file may be consumed."""
+    adopt = getattr(driver, "adopt_file", None)
+    if adopt is not None:
+        result: PutResult = await adopt(key, path)
+        return result
+    return await driver.put(key, iter_file(path))

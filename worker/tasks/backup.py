@@ -35,7 +35,7 @@ from app.models import (
     Restore,
 )
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
-from app.storage.files import iter_file
+from app.storage.files import put_file
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ async def _store(
                     virt.rebase_onto, f.path, f"../{decision.parent_id}/{f.target}.qcow2"
                 )
             key = f"{prefix}/{f.target}.qcow2"
-            result = await driver.put(key, iter_file(f.path))
+            result = await put_file(driver, key, f.path)
             stored.append(Stored(f.target, key, result.size, result.sha256))
             work.progress[0] = 80 + int(20 * len(stored) / len(files))
         manifest = {

@@ -10,9 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from typing import cast
 
 from arq.connections import ArqRedis
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -116,7 +117,7 @@ async def _dispatch_batch(
 
     if new_backups:
         # One compiled statement, many parameter sets (insertmanyvalues): cheap at 1,000 rows.
-        table = Backup.__table__
+        table = cast(Table, Backup.__table__)
         inserted = (
             await session.execute(
                 insert(table)
