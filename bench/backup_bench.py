@@ -1,0 +1,243 @@
+"""Backup engine benchmark (run by hand): the whole backup job vs `qemu-img convert`.
+
+    .venv/bin/python bench/backup_bench.py [--sizes 1,4] [--rounds 3] [--dir /var/tmp]
+
+For each disk size (GiB): a VM whose disk is ~90% random data; alternately (1) a full backup
+through the real job (`ibp run-backup` in a subprocess: libvirt push backup, stream to local
+storage with sha256, manifest, catalog) and (2) `qemu-img convert -U -O qcow2` of the same disk
+into the same folder. Prints the median times, their ratio (target <= 1.3) and the job
+process's peak RSS (target <= 200 MB, and the same for every size). Then an incremental after
+rewriting 1% of the disk: bytes stored / bytes written (target <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import asyncpg  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
+
+from app.db import build_sessionmaker  # noqa: E402
+from app.models import (  # noqa: E402
+    Backup,
+    BackupPolicy,
+    BackupStorage,
+    Hypervisor,
+    Instance,
+    InstanceDisk,
+    Location,
+    User,
+)
+from bench.virt_bench import make_raw  # noqa: E402
+from tests.virt import vmkit  # noqa: E402
+
+MiB = 1024 * 1024
+PG = os.environ.get("IBP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+DB = "ibp_bench_backup"
+URL = f"{PG.replace('postgresql://', 'postgresql+asyncpg://')}/{DB}"
+
+
+async def make_db() -> None:
+    conn = await asyncpg.connect(f"{PG}/postgres")
+    await conn.execute(f'DROP DATABASE IF EXISTS "{DB}"')
+    await conn.execute(f'CREATE DATABASE "{DB}"')
+    await conn.close()
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "IBP_DATABASE_URL": URL},
+        capture_output=True,
+    )
+
+
+async def seed(vm: vmkit.VM, storage_dir: Path, scratch: Path, size: int) -> uuid.UUID:
+    engine = create_async_engine(URL)
+    async with build_sessionmaker(engine)() as s:
+        user = User(email=f"{uuid.uuid4().hex[:8]}@bench", password_hash="x")
+        loc = Location(name=f"bench-{uuid.uuid4().hex[:6]}")
+        storage = BackupStorage(
+            name=f"bench-{uuid.uuid4().hex[:6]}", kind="local", config={"path": str(storage_dir)}
+        )
+        s.add_all([user, loc, storage])
+        await s.flush()
+        hv = Hypervisor(
+            name=f"bench-{uuid.uuid4().hex[:6]}",
+            location_id=loc.id,
+            libvirt_uri=vm.uri,
+            backup_storage_id=storage.id,
+            scratch_dir=str(scratch),
+        )
+        policy = BackupPolicy(
+            owner_id=user.id,
+            name="bench",
+            frequency="daily",
+            hour=2,
+            retention_count=100,
+            max_incremental_chain=30,
+            backup_device="primary",
+        )
+        s.add_all([hv, policy])
+        await s.flush()
+        instance = Instance(
+            name="bench",
+            owner_id=user.id,
+            hypervisor_id=hv.id,
+            domain_name=vm.name,
+            backup_policy_id=policy.id,
+            disks=[InstanceDisk(target="vda", boot=True, size_bytes=size)],
+        )
+        s.add(instance)
+        await s.commit()
+        instance_id = instance.id
+    await engine.dispose()
+    return instance_id
+
+
+async def pending(instance_id: uuid.UUID, type_: str) -> uuid.UUID:
+    engine = create_async_engine(URL)
+    async with build_sessionmaker(engine)() as s:
+        inst = await s.get(Instance, instance_id)
+        assert inst is not None
+        now = datetime.now(UTC)
+        b = Backup(
+            instance_id=instance_id,
+            policy_id=inst.backup_policy_id,
+            type=type_,
+            status="pending",
+            scheduled_for=now,
+            created_at=now,
+            backup_device="primary",
+        )
+        s.add(b)
+        await s.commit()
+        backup_id = b.id
+    await engine.dispose()
+    return backup_id
+
+
+async def result(backup_id: uuid.UUID) -> Backup:
+    engine = create_async_engine(URL)
+    async with build_sessionmaker(engine)() as s:
+        b = await s.get(Backup, backup_id)
+    await engine.dispose()
+    assert b is not None
+    return b
+
+
+def run_job(backup_id: uuid.UUID) -> tuple[float, int]:
+    """Run the backup job in its own process; (seconds, peak RSS bytes from VmHWM)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "run-backup", str(backup_id)],
+        cwd=REPO,
+        env={**os.environ, "IBP_DATABASE_URL": URL},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode != 0 or not out.strip().startswith("completed"):
+        raise SystemExit(f"backup job failed: {out}")
+    return elapsed, peak
+
+
+def bench_size(gib: int, rounds: int, base: Path) -> dict[str, float]:
+    size = gib * 1024 * MiB
+    work = Path(tempfile.mkdtemp(prefix="ibp-backup-bench-", dir=base))
+    storage, scratch = work / "storage", work / "scratch"
+    storage.mkdir()
+    scratch.mkdir()
+    name = vmkit.unique_name("bbench")
+    try:
+        raw = work / "seed.raw"
+        make_raw(raw, size)
+        vm = vmkit.define_vm(name, [("vda", size)], work / "vm", fill_from={"vda": raw})
+        raw.unlink()
+        instance_id = asyncio.run(seed(vm, storage, scratch, size))
+        job_times, in_worker, convert_times, peaks = [], [], [], []
+        for i in range(rounds):
+            os.sync()
+            backup_id = asyncio.run(pending(instance_id, "full"))
+            elapsed, peak = run_job(backup_id)
+            job_times.append(elapsed)
+            done = asyncio.run(result(backup_id))
+            assert done.started_at and done.completed_at
+            in_worker.append((done.completed_at - done.started_at).total_seconds())
+            peaks.append(peak)
+            os.sync()
+            out = storage / f"convert-{i}.qcow2"
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["qemu-img", "convert", "-U", "-O", "qcow2", str(vm.disk("vda")), str(out)],
+                check=True,
+            )
+            os.sync()  # the job fsyncs what it stores; make the reference pay the same
+            convert_times.append(time.perf_counter() - t0)
+            out.unlink()
+        written = size // 100
+        vmkit.write_pattern(vm.name, "vda", 0xA5, size // 3, written)
+        inc_id = asyncio.run(pending(instance_id, "incremental"))
+        run_job(inc_id)
+        inc = asyncio.run(result(inc_id))
+        assert inc.type == "incremental" and inc.size_bytes is not None
+        return {
+            "job": statistics.median(job_times),
+            "in_worker": statistics.median(in_worker),
+            "convert": statistics.median(convert_times),
+            "peak_rss": max(peaks),
+            "inc_ratio": inc.size_bytes / written,
+        }
+    finally:
+        vmkit.destroy_vm(name)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,4", help="disk sizes in GiB, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    args = ap.parse_args()
+    vmkit.ensure_libvirtd()
+    asyncio.run(make_db())
+    rows = {int(g): bench_size(int(g), args.rounds, args.dir) for g in args.sizes.split(",")}
+    print(
+        f"{'disk':>5} {'job s':>7} {'convert s':>9} {'ratio':>6} {'peak RSS MB':>11} "
+        f"{'inc stored/written':>18}"
+    )
+    for gib, r in rows.items():
+        print(
+            f"{gib:>4}G {r['job']:7.2f} {r['convert']:9.2f} {r['job'] / r['convert']:6.2f} "
+            f"{r['peak_rss'] / 1e6:11.0f} {r['inc_ratio']:18.3f}"
+        )
+    if len(rows) > 1:
+        peaks = [r["peak_rss"] for r in rows.values()]
+        print(f"peak RSS spread across sizes: {max(peaks) / min(peaks):.3f}x (target within 1.10x)")
+
+
+if __name__ == "__main__":
+    main()
