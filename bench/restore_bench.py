@@ -1,0 +1,215 @@
+"""Benchmark (run by hand): restore through the restore code path vs. ``qemu-img convert``.
+
+    .venv/bin/python bench/restore_bench.py [--size-mib 1024] [--rounds 3] [--dir /var/tmp]
+
+Needs root and libvirtd (started by scripts/start-libvirtd.sh if not running). Builds a VM
+``ibp-test-bench-...`` whose disk is ~90% random data, takes a full and 3 incrementals (each
+after rewriting ~1% of the disk) with app.virt.run_backup, and stores them with the local driver
+in the service's layout. Then, alternately, ``rounds`` times:
+
+- restore: a fresh process runs app.backups.chain_fetch.rebuild (fetch through the driver, sha256
+  of every file against the catalog, convert of the newest file, qemu-img check) into a new disk,
+  and reports its own time and peak RSS;
+- reference: ``qemu-img convert -O qcow2`` of the newest stored file, by hand.
+
+Prints the medians, the ratio restore/reference (target <= 1.3) and the restoring process's peak
+RSS (target <= 200 MB). The VM and every file are always removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MiB = 1024 * 1024
+
+
+def make_raw(path: Path, size: int, random_share: float = 0.9) -> None:
+    chunk = 16 * MiB
+    random_bytes = int(size * random_share) // chunk * chunk
+    with path.open("wb") as fh:
+        for _ in range(random_bytes // chunk):
+            fh.write(os.urandom(chunk))
+        fh.truncate(size)
+
+
+async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: Path) -> dict:
+    """Full + 3 incrementals of the VM's vda, stored with the local driver; the catalog."""
+    from app.storage.files import iter_file
+    from app.storage.registry import get_driver
+    from app.virt import rebase_onto, run_backup
+    from tests.virt import vmkit
+
+    driver = get_driver("local", {"path": str(storage)})
+    instance, chain = uuid.uuid4(), uuid.uuid4()
+    members: list[dict] = []
+    parent: str | None = None
+    try:
+        for i in range(4):
+            if i:
+                # ~1% of the disk in 64 KiB pieces spread over it, different each time.
+                piece = 64 * 1024
+                pieces = max(1, size // 100 // piece)
+                stride = size // pieces // piece * piece
+                for k in range(pieces):
+                    vmkit.write_pattern(name, "vda", 0xA0 + i, k * stride + i * piece, piece)
+            backup = uuid.uuid4()
+            cp = f"bench-{backup}"
+            prev = members[-1]["checkpoint"] if members else None
+            (f,) = await asyncio.to_thread(run_backup, uri, name, ["vda"], scratch, cp, prev)
+            if parent is not None:
+                await asyncio.to_thread(rebase_onto, f.path, f"../{parent}/vda.qcow2")
+            key = f"{instance}/{chain}/{backup}/vda.qcow2"
+            put = await driver.put(key, iter_file(f.path))
+            f.path.unlink()
+            members.append(
+                {
+                    "id": str(backup),
+                    "type": "incremental" if parent else "full",
+                    "parent_id": parent,
+                    "checkpoint": cp,
+                    "key": key,
+                    "size": put.size,
+                    "sha256": put.sha256,
+                }
+            )
+            parent = str(backup)
+    finally:
+        await driver.close()
+    return {"storage": str(storage), "members": members}
+
+
+async def _restore_once(catalog: dict, work: Path, out: Path) -> float:
+    from app.backups.chain_fetch import ChainPlan, Member, rebuild
+    from app.models import BackupFile
+    from app.storage.registry import get_driver
+
+    members = [
+        Member(
+            uuid.UUID(m["id"]),
+            m["type"],
+            datetime.now(UTC),
+            uuid.UUID(m["parent_id"]) if m["parent_id"] else None,
+            {
+                "vda": BackupFile(
+                    disk_target="vda",
+                    object_key=m["key"],
+                    size_bytes=m["size"],
+                    sha256=m["sha256"],
+                )
+            },
+        )
+        for m in catalog["members"]
+    ]
+    plan = ChainPlan(members[-1].id, uuid.uuid4(), members, ["vda"])
+    driver = get_driver("local", {"path": catalog["storage"]})
+    t0 = time.perf_counter()
+    try:
+        await rebuild(driver, plan, work, {"vda": out})
+    finally:
+        await driver.close()
+        shutil.rmtree(work, ignore_errors=True)  # the restore job removes its work dir too
+    return time.perf_counter() - t0
+
+
+def child(catalog_path: Path, work: Path, out: Path) -> int:
+    catalog = json.loads(catalog_path.read_text())
+    seconds = asyncio.run(_restore_once(catalog, work, out))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "rss": rss, "children_rss": kids}))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+
+    from tests.virt import vmkit
+
+    size = args.size_mib * MiB
+    vmkit.ensure_libvirtd()
+    work = Path(tempfile.mkdtemp(prefix="ibp-restore-bench-", dir=args.dir))
+    name = vmkit.unique_name("bench")
+    try:
+        raw = work / "seed.raw"
+        make_raw(raw, size)
+        vm = vmkit.define_vm(name, [("vda", size)], work / "vm", fill_from={"vda": raw})
+        raw.unlink()
+        scratch, storage = work / "scratch", work / "storage"
+        scratch.mkdir()
+        storage.mkdir()
+        t0 = time.perf_counter()
+        catalog = asyncio.run(_store_chain(name, vm.uri, size, storage, scratch))
+        sizes = ", ".join(f"{m['type']} {m['size'] / MiB:.1f} MiB" for m in catalog["members"])
+        print(f"chain stored in {time.perf_counter() - t0:.1f}s: {sizes}")
+        vmkit.destroy_vm(name)  # the restore reads storage only
+        catalog_path = work / "catalog.json"
+        catalog_path.write_text(json.dumps(catalog))
+        newest = storage / catalog["members"][-1]["key"]
+
+        restore_times, convert_times, rss, kids = [], [], [], []
+        for i in range(args.rounds):
+            out = work / f"restored-{i}.qcow2"
+            os.sync()
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", str(catalog_path), str(work / "w"), str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            restore_times.append(result["seconds"])
+            rss.append(result["rss"])
+            kids.append(result["children_rss"])
+            ref = work / f"reference-{i}.qcow2"
+            os.sync()
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["qemu-img", "convert", "-O", "qcow2", str(newest), str(ref)], check=True
+            )
+            convert_times.append(time.perf_counter() - t0)
+            same = subprocess.run(["qemu-img", "compare", str(out), str(ref)], check=False)
+            assert same.returncode == 0, "restored image differs from the reference"
+            print(
+                f"round {i + 1}: restore {restore_times[-1]:.2f}s "
+                f"(peak RSS {rss[-1] / MiB:.0f} MiB, qemu-img {kids[-1] / MiB:.0f} MiB)   "
+                f"qemu-img convert {convert_times[-1]:.2f}s"
+            )
+            out.unlink()
+            ref.unlink()
+        mr, mc = statistics.median(restore_times), statistics.median(convert_times)
+        print(
+            f"restore median {mr:.2f}s | qemu-img convert median {mc:.2f}s | "
+            f"ratio {mr / mc:.2f} (target <= 1.3) | peak RSS of the restoring process "
+            f"{max(rss) / MiB:.0f} MiB (target <= 200), qemu-img children {max(kids) / MiB:.0f} MiB"
+        )
+    finally:
+        vmkit.destroy_vm(name)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
