@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
@@ -15,7 +16,7 @@ from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
 from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker
-from app.errors import install_error_handlers
+from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
@@ -96,4 +97,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(api)
+    _problems_only(app)
     return app
+
+
+def _problems_only(app: FastAPI) -> None:
+    """Error responses are documented as application/problem+json only: that is what is sent.
+
+    (`responses={..., "model": Problem}` makes FastAPI add an application/json twin.)
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    for response in operation.get("responses", {}).values():
+                        content = response.get("content", {})
+                        if PROBLEM_MEDIA_TYPE in content:
+                            content.pop("application/json", None)
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -20,6 +20,12 @@ class Schema(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+class RequestBody(BaseModel):
+    """Request bodies refuse unknown fields: a typo is a 422, not a silently ignored value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     total: int

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestBody):
     email: str = Field(min_length=3, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
 
@@ -20,7 +20,7 @@ class AccessToken(BaseModel):
     expires_at: datetime
 
 
-class ApiTokenCreate(BaseModel):
+class ApiTokenCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     expires_at: datetime | None = Field(
         default=None, description="When the token stops working (UTC). Omit for no expiry."

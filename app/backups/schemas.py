@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.schemas import RequestBody
+
 BackupType = Literal["full", "incremental"]
 BackupStatus = Literal["pending", "in_progress", "completed", "failed", "deleting"]
 
@@ -52,7 +54,7 @@ class BackupDeletion(BaseModel):
     status: Literal["deleting"] = "deleting"
 
 
-class BackupNowRequest(BaseModel):
+class BackupNowRequest(RequestBody):
     type: Literal["full"] | None = Field(
         default=None,
         description="'full' starts a new chain; omitted or null follows the chain rules.",

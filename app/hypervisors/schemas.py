@@ -3,9 +3,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 LibvirtUri = str
 
@@ -22,7 +22,7 @@ class HypervisorRead(Schema):
     updated_at: datetime
 
 
-class HypervisorCreate(BaseModel):
+class HypervisorCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     location_id: uuid.UUID
     libvirt_uri: str = Field(
@@ -35,7 +35,7 @@ class HypervisorCreate(BaseModel):
     )
 
 
-class HypervisorUpdate(BaseModel):
+class HypervisorUpdate(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     location_id: uuid.UUID | None = None
     libvirt_uri: str | None = Field(

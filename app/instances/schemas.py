@@ -4,14 +4,16 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 InstanceStatus = Literal["deployed", "suspended", "stopped", "building", "error"]
 
 
 class DiskSpec(Schema):
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+
     target: str = Field(pattern=r"^[a-z]{1,4}[a-z0-9]{1,6}$", examples=["vda"])
     boot: bool = False
     size_bytes: int = Field(ge=0, le=2**60)
@@ -45,7 +47,7 @@ class InstanceBrief(Schema):
     status: str
 
 
-class InstanceCreate(BaseModel):
+class InstanceCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     owner_id: uuid.UUID
     hypervisor_id: uuid.UUID
@@ -56,7 +58,7 @@ class InstanceCreate(BaseModel):
     _disks = field_validator("disks")(_one_boot_disk)
 
 
-class InstanceUpdate(BaseModel):
+class InstanceUpdate(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     owner_id: uuid.UUID | None = Field(
         default=None, description="Changing the owner detaches the instance from its policy."

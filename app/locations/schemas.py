@@ -5,9 +5,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from app.schemas import DecimalString, Schema
+from app.schemas import DecimalString, RequestBody, Schema
 
 Price = Annotated[DecimalString, Field(ge=0, max_digits=14, decimal_places=6)]
 
@@ -22,12 +22,12 @@ class LocationRead(Schema):
     updated_at: datetime
 
 
-class LocationCreate(BaseModel):
+class LocationCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     backup_price_per_gb_month: Price | None = None
 
 
-class LocationUpdate(BaseModel):
+class LocationUpdate(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     backup_price_per_gb_month: Price | None = Field(
         default=None, description="Send null to remove pricing."

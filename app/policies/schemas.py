@@ -4,9 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 Frequency = Literal["daily", "weekly"]
 Weekday = Literal["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
@@ -15,6 +15,8 @@ PolicyStatus = Literal["active", "paused", "error"]
 
 
 class PolicySchedule(Schema):
+    model_config = ConfigDict(from_attributes=True, extra="forbid")
+
     frequency: Frequency
     hour: int = Field(ge=0, le=23, description="Hour of day in the owner's time zone (0-23).")
     day_of_week: Weekday | None = Field(
@@ -30,7 +32,7 @@ class PolicySchedule(Schema):
         return self
 
 
-class PolicyCreate(BaseModel):
+class PolicyCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     owner_id: uuid.UUID | None = Field(
         default=None, description="Admins may create a policy for any user; default: you."
@@ -41,7 +43,7 @@ class PolicyCreate(BaseModel):
     backup_device: BackupDevice = "primary"
 
 
-class PolicyUpdate(BaseModel):
+class PolicyUpdate(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     schedule: PolicySchedule | None = None
     max_incremental_chain: int | None = Field(default=None, ge=0, le=30)
@@ -73,7 +75,7 @@ class PolicyRead(Schema):
     updated_at: datetime
 
 
-class AttachRequest(BaseModel):
+class AttachRequest(RequestBody):
     instance_id: uuid.UUID
 
 

@@ -4,15 +4,15 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 RestoreTarget = Literal["in_place", "new_disk"]
 RestoreStatus = Literal["pending", "in_progress", "completed", "failed"]
 
 
-class RestoreCreate(BaseModel):
+class RestoreCreate(RequestBody):
     target: RestoreTarget = Field(
         description=(
             "in_place: replace the instance's disks with the backup's content (the instance "

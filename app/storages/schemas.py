@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import Schema
+from app.schemas import RequestBody, Schema
 
 StorageKind = Literal["local", "nfs", "s3", "sftp", "ftp"]
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -105,31 +105,31 @@ CONFIG_MODELS: dict[str, type[_Config]] = {
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
-class LocalStorageCreate(BaseModel):
+class LocalStorageCreate(RequestBody):
     kind: Literal["local"]
     name: Name
     config: LocalConfig
 
 
-class NfsStorageCreate(BaseModel):
+class NfsStorageCreate(RequestBody):
     kind: Literal["nfs"]
     name: Name
     config: NfsConfig
 
 
-class S3StorageCreate(BaseModel):
+class S3StorageCreate(RequestBody):
     kind: Literal["s3"]
     name: Name
     config: S3Config
 
 
-class SftpStorageCreate(BaseModel):
+class SftpStorageCreate(RequestBody):
     kind: Literal["sftp"]
     name: Name
     config: SftpConfig
 
 
-class FtpStorageCreate(BaseModel):
+class FtpStorageCreate(RequestBody):
     kind: Literal["ftp"]
     name: Name
     config: FtpConfig
@@ -141,7 +141,7 @@ BackupStorageCreate = Annotated[
 ]
 
 
-class BackupStorageUpdate(BaseModel):
+class BackupStorageUpdate(RequestBody):
     name: Name | None = None
     config: dict[str, Any] | None = Field(
         default=None,

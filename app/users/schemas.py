@@ -4,9 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, EmailStr, Field
+from pydantic import EmailStr, Field
 
-from app.schemas import Schema, TimeZoneName
+from app.schemas import RequestBody, Schema, TimeZoneName
 
 Role = Literal["admin", "user"]
 
@@ -21,7 +21,7 @@ class UserRead(Schema):
     updated_at: datetime
 
 
-class UserCreate(BaseModel):
+class UserCreate(RequestBody):
     email: EmailStr
     name: str = Field(default="", max_length=200)
     password: str = Field(min_length=8, max_length=1024)
@@ -29,7 +29,7 @@ class UserCreate(BaseModel):
     timezone: TimeZoneName = "UTC"
 
 
-class UserUpdate(BaseModel):
+class UserUpdate(RequestBody):
     email: EmailStr | None = None
     name: str | None = Field(default=None, max_length=200)
     password: str | None = Field(default=None, min_length=8, max_length=1024)
@@ -37,7 +37,7 @@ class UserUpdate(BaseModel):
     timezone: TimeZoneName | None = None
 
 
-class MeUpdate(BaseModel):
+class MeUpdate(RequestBody):
     name: str | None = Field(default=None, max_length=200)
     timezone: TimeZoneName | None = Field(
         default=None, description="IANA time zone; the user's policies are re-planned in it."

@@ -76,3 +76,36 @@ async def test_malformed_uuid_in_path_is_422_naming_it(
     _, headers = await user_with_headers(session)
     response = await client.get("/backup-policies/not-a-uuid", headers=headers)
     assert_problem(response, 422, field="policy_id")
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "field"),
+    [
+        ("patch", "/me", {"role": "admin"}, "role"),
+        (
+            "post",
+            "/backup-policies",
+            {"name": "x", "schedule": {"frequency": "daily", "hour": 2}, "retention": 3},
+            "retention",
+        ),
+        (
+            "post",
+            "/backup-policies",
+            {"name": "x", "schedule": {"frequency": "daily", "hour": 2, "minute": 30}},
+            "schedule.minute",
+        ),
+    ],
+)
+async def test_unknown_fields_are_422_not_silently_ignored(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    method: str,
+    url: str,
+    body: dict,
+    field: str,  # type: ignore[type-arg]
+) -> None:
+    _, headers = await user_with_headers(session)
+    response = await getattr(client, method)(url, json=body, headers=headers)
+    assert_problem(response, 422, field=field)
+    me = await client.get("/me", headers=headers)
+    assert me.json()["role"] == "user"
