@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from pydantic import TypeAdapter
+from sqlalchemy import ColumnElement, Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
-from app.policies.schemas import PolicyCreate, PolicyRead, PolicySchedule, PolicyUpdate
+from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
+from app.schemas import Page, PageParams
 
 ALREADY_ATTACHED = "Instance is already attached to another backup policy"
 
@@ -20,11 +23,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def schedule_of(policy: BackupPolicy) -> Schedule:
+def schedule_of(policy: Any) -> Schedule:
     return Schedule(
-        frequency=policy.frequency,  # type: ignore[arg-type]
+        frequency=policy.frequency,
         hour=policy.hour,
-        day_of_week=policy.day_of_week,  # type: ignore[arg-type]
+        day_of_week=policy.day_of_week,
     )
 
 
@@ -50,27 +53,73 @@ def readable_policies(user: User) -> Select[BackupPolicy, str, int]:
     return stmt
 
 
-def list_statement(
+def _filters(
     user: User, owner_id: uuid.UUID | None, status: str | None
-) -> Select[BackupPolicy, str, int]:
-    stmt = readable_policies(user)
+) -> list[ColumnElement[bool]]:
+    conditions = [] if user.is_admin else [BackupPolicy.owner_id == user.id]
     if owner_id is not None:
-        stmt = stmt.where(BackupPolicy.owner_id == owner_id)
+        conditions.append(BackupPolicy.owner_id == owner_id)
     if status is not None:
-        stmt = stmt.where(BackupPolicy.status == status)
-    return stmt.order_by(BackupPolicy.created_at.desc(), BackupPolicy.id.desc())
+        conditions.append(BackupPolicy.status == status)
+    return conditions
+
+
+_POLICY_PAGE = TypeAdapter(Page[PolicyRead])
+
+
+async def list_policies_json(
+    session: AsyncSession,
+    user: User,
+    owner_id: uuid.UUID | None,
+    status: str | None,
+    page: PageParams,
+) -> bytes:
+    """The list page as JSON, built from plain rows and serialized once in pydantic-core.
+
+    The busiest screen of the panel: no ORM objects, no second validation of the response.
+    """
+    conditions = _filters(user, owner_id, status)
+    count = select(func.count()).select_from(BackupPolicy).where(*conditions)
+    # The total rides along as an uncorrelated subquery: PostgreSQL computes it once, and the
+    # page costs one round trip. An empty page (offset past the end) asks for it separately.
+    rows = (
+        await session.execute(
+            select(
+                *BackupPolicy.__table__.c,
+                User.timezone,
+                _instance_count.label("n"),
+                count.scalar_subquery().label("total"),
+            )
+            .join(User, User.id == BackupPolicy.owner_id)
+            .where(*conditions)
+            .order_by(BackupPolicy.created_at.desc(), BackupPolicy.id.desc())
+            .limit(page.limit)
+            .offset(page.offset)
+        )
+    ).all()
+    total = rows[0].total if rows else await session.scalar(count)
+    items = [read_values(row, row.timezone, row.n) for row in rows]
+    body = {"items": items, "total": total or 0, "limit": page.limit, "offset": page.offset}
+    return _POLICY_PAGE.dump_json(_POLICY_PAGE.validate_python(body))
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
+    return PolicyRead(**read_values(policy, zone, instance_count))
+
+
+def read_values(policy: Any, zone: str, instance_count: int) -> dict[str, Any]:
+    """A policy's read fields from an ORM object or a plain row with the same columns."""
     schedule = schedule_of(policy)
-    return PolicyRead(
+    return dict(
         id=policy.id,
         owner_id=policy.owner_id,
         name=policy.name,
         status=policy.status,
-        schedule=PolicySchedule(
-            frequency=schedule.frequency, hour=schedule.hour, day_of_week=schedule.day_of_week
-        ),
+        schedule={
+            "frequency": schedule.frequency,
+            "hour": schedule.hour,
+            "day_of_week": schedule.day_of_week,
+        },
         schedule_summary=schedule_summary(schedule),
         timezone=zone,
         max_incremental_chain=policy.max_incremental_chain,
