@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -82,44 +83,53 @@ async def record_success(session: AsyncSession, backup: Backup) -> None:
         )
 
 
+async def _fail_stale(
+    session: AsyncSession,
+    model: type[Backup] | type[Restore],
+    now: datetime,
+    stale_after: timedelta,
+    start_within: timedelta,
+    messages: tuple[str, str],
+) -> list[Any]:
+    """Fail rows of `model` in progress without a heartbeat, or pending for too long."""
+    failed: list[Any] = []
+    for status, limit, column, message in (
+        ("in_progress", stale_after, model.heartbeat_at, messages[0]),
+        ("pending", start_within, model.created_at, messages[1]),
+    ):
+        failed += (
+            await session.scalars(
+                update(model)
+                .where(model.status == status, column < now - limit)
+                .values(status="failed", error=message, completed_at=now, progress=None)
+                .returning(model)
+            )
+        ).all()
+    return failed
+
+
 async def reap_stale(
     session: AsyncSession, now: datetime, stale_after: timedelta, start_within: timedelta
 ) -> list[uuid.UUID]:
     """Fail backups whose worker vanished, so an instance is never blocked forever."""
-    reaped: list[uuid.UUID] = []
-    for status, limit, column, message in (
-        ("in_progress", stale_after, Backup.heartbeat_at, WORKER_LOST),
-        ("pending", start_within, Backup.created_at, NEVER_STARTED),
-    ):
-        rows = (
-            await session.scalars(
-                update(Backup)
-                .where(Backup.status == status, column < now - limit)
-                .values(status="failed", error=message, completed_at=now, progress=None)
-                .returning(Backup)
-            )
-        ).all()
-        for backup in rows:
-            await record_failure(session, backup, message, now)
-            reaped.append(backup.id)
-    return reaped
+    backups = await _fail_stale(
+        session, Backup, now, stale_after, start_within, (WORKER_LOST, NEVER_STARTED)
+    )
+    for backup in backups:
+        await record_failure(session, backup, backup.error, now)
+    return [b.id for b in backups]
 
 
 async def reap_stale_restores(
     session: AsyncSession, now: datetime, stale_after: timedelta, start_within: timedelta
 ) -> list[uuid.UUID]:
     """Fail restores whose worker vanished: a stuck restore would block the instance's backups."""
-    reaped: list[uuid.UUID] = []
-    for status, limit, column, message in (
-        ("in_progress", stale_after, Restore.heartbeat_at, RESTORE_WORKER_LOST),
-        ("pending", start_within, Restore.created_at, RESTORE_NEVER_STARTED),
-    ):
-        reaped += (
-            await session.scalars(
-                update(Restore)
-                .where(Restore.status == status, column < now - limit)
-                .values(status="failed", error=message, completed_at=now, progress=None)
-                .returning(Restore.id)
-            )
-        ).all()
-    return reaped
+    restores = await _fail_stale(
+        session,
+        Restore,
+        now,
+        stale_after,
+        start_within,
+        (RESTORE_WORKER_LOST, RESTORE_NEVER_STARTED),
+    )
+    return [r.id for r in restores]

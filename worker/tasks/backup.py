@@ -37,9 +37,9 @@ from app.models import (
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
 from app.storage.files import put_file
 from worker.context import WorkerContext
+from worker.tasks.heartbeat import keep_alive
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 5.0
 INTERRUPTED = "The worker stopped during the backup; it was cleaned up and the next run retries"
 
 
@@ -81,7 +81,7 @@ async def run_backup(ctx: WorkerContext, backup_id: str) -> str:
     work = await _claim(ctx, uuid.UUID(backup_id))
     if work is None:
         return "not pending"
-    heartbeat = asyncio.create_task(_heartbeat(ctx, work))
+    heartbeat = asyncio.create_task(keep_alive(ctx, Backup, work.backup.id, work.progress))
     try:
         result = await _execute(ctx, work)
     except BaseException as exc:
@@ -182,18 +182,6 @@ async def _recover_interrupted(ctx: WorkerContext, session: Any, backup_id: uuid
 def _remove_scratch(scratch_dir: Path, checkpoint: str) -> None:
     for path in scratch_dir.glob(f"{checkpoint}-*"):
         path.unlink(missing_ok=True)
-
-
-async def _heartbeat(ctx: WorkerContext, work: Work) -> None:
-    while True:
-        await asyncio.sleep(HEARTBEAT_S)
-        async with ctx["sessionmaker"]() as session:
-            await session.execute(
-                update(Backup)
-                .where(Backup.id == work.backup.id, Backup.status == "in_progress")
-                .values(heartbeat_at=_now(), progress=min(99, work.progress[0]))
-            )
-            await session.commit()
 
 
 @dataclass

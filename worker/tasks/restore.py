@@ -29,9 +29,9 @@ from app.models import Backup, Hypervisor, Instance, Restore
 from app.storage.base import StorageError
 from worker.context import WorkerContext
 from worker.tasks.backup import describe as describe_backup_error
+from worker.tasks.heartbeat import keep_alive
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 5.0
 INTERRUPTED = (
     "The worker stopped during the restore; its work files were removed. Disks are replaced "
     "only after the new image is whole and checked: check the instance before retrying"
@@ -79,7 +79,7 @@ async def run_restore(ctx: WorkerContext, restore_id: str) -> str:
         return f"failed: {exc}"
     if work is None:
         return "not pending"
-    heartbeat = asyncio.create_task(_heartbeat(ctx, work))
+    heartbeat = asyncio.create_task(keep_alive(ctx, Restore, work.restore.id, work.progress))
     try:
         result = await _execute(ctx, work)
     except BaseException as exc:
@@ -170,18 +170,6 @@ async def _recover_interrupted(session: AsyncSession, restore: Restore) -> None:
     restore.error = INTERRUPTED
     restore.completed_at = _now()
     restore.progress = None
-
-
-async def _heartbeat(ctx: WorkerContext, work: Work) -> None:
-    while True:
-        await asyncio.sleep(HEARTBEAT_S)
-        async with ctx["sessionmaker"]() as session:
-            await session.execute(
-                update(Restore)
-                .where(Restore.id == work.restore.id, Restore.status == "in_progress")
-                .values(heartbeat_at=_now(), progress=min(99, work.progress[0]))
-            )
-            await session.commit()
 
 
 async def _require_shut_off(uri: str, domain: str) -> None:
