@@ -31,6 +31,17 @@ class InstanceChain:
     busy: bool  # a backup or a restore is pending or in progress
 
 
+DEVICE_CHANGED = "backup device setting changed"
+
+
+def planning_state(chain: InstanceChain, backup_device: str) -> ChainState | None:
+    """The chain state to plan with: a chain of other disks cannot take an incremental."""
+    state = chain.state
+    if state is not None and state.base_usable and chain.backup_device != backup_device:
+        return ChainState(state.incrementals, False, DEVICE_CHANGED)
+    return state
+
+
 async def chain_states(
     session: AsyncSession, instance_ids: Collection[uuid.UUID]
 ) -> dict[uuid.UUID, InstanceChain]:

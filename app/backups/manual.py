@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import active_work, chain_states
+from app.backups.chains import active_work, chain_states, planning_state
 from app.backups.schemas import BackupRead
 from app.backups.service import read_backup
 from app.db import JobQueue
@@ -15,7 +15,7 @@ from app.errors import Conflict
 from app.instances.service import get_instance
 from app.models import Backup, BackupPolicy, User
 from app.queues import hypervisor_queue
-from app.scheduling import ChainState, Plan, Schedule, plan_backup
+from app.scheduling import Plan, Schedule, plan_backup
 
 # Without a policy there is no chain length to respect: every manual backup is a full.
 NO_POLICY = "no backup policy: a manual backup without one is always a full"
@@ -38,9 +38,7 @@ async def backup_now(
     )
     device = policy.backup_device if policy is not None else "primary"
     chain = (await chain_states(session, [instance.id]))[instance.id]
-    state = chain.state
-    if state is not None and state.base_usable and chain.backup_device != device:
-        state = ChainState(state.incrementals, False, "backup device setting changed")
+    state = planning_state(chain, device)
     now = datetime.now(UTC)
     if policy is None and not force_full:
         plan = Plan("full", NO_POLICY)

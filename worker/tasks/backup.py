@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app import virt
-from app.backups.chains import InstanceChain, chain_states
+from app.backups.chains import DEVICE_CHANGED, InstanceChain, chain_states
 from app.backups.lifecycle import apply_retention, record_failure, record_success
 from app.backups.storage_access import backup_prefix, open_driver
 from app.db import JobQueue
@@ -204,7 +204,7 @@ def _chain_change(chain: InstanceChain, backup: Backup, disks: list[virt.DiskInf
     if not chain.state.base_usable:
         return chain.state.reset_reason or "no usable full backup to build on"
     if chain.backup_device != backup.backup_device:
-        return "backup device setting changed"
+        return DEVICE_CHANGED
     before = {str(d["target"]): d["size_bytes"] for d in chain.disks}
     now = {d.target: d.size_bytes for d in disks}
     for target in sorted(now.keys() - before.keys()):

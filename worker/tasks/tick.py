@@ -17,13 +17,12 @@ from sqlalchemy import Table, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.backups.chains import InstanceChain, chain_states
+from app.backups.chains import InstanceChain, chain_states, planning_state
 from app.db import JobQueue
 from app.models import Backup, BackupPolicy, Instance, User
 from app.policies.service import schedule_of
 from app.queues import hypervisor_queue
 from app.scheduling import (
-    ChainState,
     next_run_at,
     plan_backup,
     run_on_local_date,
@@ -179,9 +178,7 @@ def _plan_instance(
     if chain.busy:
         _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
         return None
-    state = chain.state
-    if state is not None and state.base_usable and chain.backup_device != policy.backup_device:
-        state = ChainState(state.incrementals, False, "backup device setting changed")
+    state = planning_state(chain, policy.backup_device)
     plan = plan_backup(schedule_of(policy), policy.max_incremental_chain, state, slot_date)
     if plan.kind == "skip":
         return None
