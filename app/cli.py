@@ -200,7 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     migrate.set_defaults(func=_migrate)
 
     args = parser.parse_args(argv)
-    args.func(args)
+    from pydantic import ValidationError
+
+    try:
+        args.func(args)
+    except ValidationError as exc:  # settings refused: say why, without a traceback
+        messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise SystemExit(f"ibp: configuration refused: {messages}") from None
 
 
 if __name__ == "__main__":
