@@ -1,7 +1,8 @@
 """A backup's chain, fetched from storage, checked against the catalog and rebuilt per disk.
 
 Shared by the restore and the verify jobs. The chain (the full and every incremental up to the
-chosen backup, by parent links) is downloaded into a work dir with the storage's relative layout
+chosen backup, by parent links) is read in place from a local-path storage, or else downloaded
+into a work dir with the storage's relative layout
 ``<instance>/<chain>/<backup>/<disk>.qcow2``: each stored incremental names its parent as
 ``../<parent id>/<disk>.qcow2``, so the newest file converts directly, with no rebase (a rebase
 would rewrite the header of the very file whose hash is being checked).
@@ -172,6 +173,19 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _missing(member: Member, target: str) -> ChainError:
+    return ChainError(f"{member.label(target)} is missing from storage", member.id)
+
+
+def _check_size(member: Member, target: str, f: BackupFile, size: int) -> None:
+    if size != f.size_bytes:
+        raise ChainError(
+            f"{member.label(target)}: stored file is {size} bytes, the catalog says "
+            f"{f.size_bytes}: the stored file is corrupt or truncated",
+            member.id,
+        )
+
+
 async def fetch(
     driver: BackupStorageDriver, plan: ChainPlan, work_dir: Path, progress: Progress | None = None
 ) -> None:
@@ -191,15 +205,29 @@ async def fetch(
             try:
                 size = await _download(driver, f.object_key, path, step)
             except ObjectNotFound as exc:
-                raise ChainError(
-                    f"{member.label(target)} is missing from storage", member.id
-                ) from exc
-            if size != f.size_bytes:
-                raise ChainError(
-                    f"{member.label(target)}: stored file is {size} bytes, the catalog says "
-                    f"{f.size_bytes}: the stored file is corrupt or truncated",
-                    member.id,
-                )
+                raise _missing(member, target) from exc
+            _check_size(member, target, f, size)
+
+
+async def _in_place(driver: BackupStorageDriver, plan: ChainPlan) -> Path | None:
+    """The storage directory itself when the driver is a local path (local disk, NFS mount).
+
+    Copying a chain to a work dir that sits on the same kind of disk only costs time: the
+    files are read where they are (read-only), with the same checks as after a download.
+    """
+    local_root = getattr(driver, "local_root", None)
+    if local_root is None:
+        return None
+    root: Path = await local_root()
+    for member in plan.members:
+        for target in plan.disks:
+            f = member.files[target]
+            try:
+                size = (await asyncio.to_thread(local_path(root, f.object_key).stat)).st_size
+            except FileNotFoundError as exc:
+                raise _missing(member, target) from exc
+            _check_size(member, target, f, size)
+    return root
 
 
 async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
@@ -256,12 +284,15 @@ async def rebuild(
     total = plan.total_bytes * 2
     report = progress or (lambda done, whole: None)
     try:
-        await fetch(driver, plan, work_dir, lambda d, _: report(d, total))
-        hashes = asyncio.create_task(check_hashes(plan, work_dir))
+        source = await _in_place(driver, plan)
+        if source is None:
+            await fetch(driver, plan, work_dir, lambda d, _: report(d, total))
+            source = work_dir
+        hashes = asyncio.create_task(check_hashes(plan, source))
         try:
-            await asyncio.to_thread(_check_backing, plan, work_dir)
+            await asyncio.to_thread(_check_backing, plan, source)
             for i, target in enumerate(plan.disks):
-                newest = local_path(work_dir, plan.members[-1].files[target].object_key)
+                newest = local_path(source, plan.members[-1].files[target].object_key)
                 out = outputs[target]
                 await asyncio.to_thread(out.unlink, True)
                 fmt = (formats or {}).get(target, "qcow2")

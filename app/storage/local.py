@@ -49,6 +49,11 @@ class LocalDriver:
         await self._ready()
         return await write_stream_to_file(chunks, target)
 
+    async def local_root(self) -> Path:
+        """The directory holding the objects, for readers that can use files in place."""
+        await self._ready()
+        return self.root
+
     async def adopt_file(self, key: str, source: Path) -> PutResult:
         """Store a local file by moving it in when it is on the same filesystem.
 
