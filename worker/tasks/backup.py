@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app import virt
-from app.backups.chains import DEVICE_CHANGED, InstanceChain, chain_states
+from app.backups.chains import InstanceChain, chain_states
 from app.backups.lifecycle import apply_retention, record_failure, record_success
 from app.backups.storage_access import backup_prefix, open_driver
 from app.db import JobQueue
@@ -37,6 +37,7 @@ from app.models import (
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
 from app.storage.files import put_file
 from worker.context import WorkerContext
+from worker.tasks.backup_decision import Decision, decide, disk_set
 from worker.tasks.heartbeat import keep_alive
 
 log = logging.getLogger(__name__)
@@ -184,54 +185,6 @@ def _remove_scratch(scratch_dir: Path, checkpoint: str) -> None:
         path.unlink(missing_ok=True)
 
 
-@dataclass
-class Decision:
-    type: str
-    parent_id: uuid.UUID | None
-    chain_id: uuid.UUID
-    incremental_from: str | None
-    reset_reason: str | None
-
-
-def _disk_set(disks: list[virt.DiskInfo]) -> list[dict[str, object]]:
-    return [{"target": d.target, "size_bytes": d.size_bytes} for d in disks]
-
-
-def _chain_change(chain: InstanceChain, backup: Backup, disks: list[virt.DiskInfo]) -> str | None:
-    """Why the current chain cannot take an incremental, or None when it can."""
-    if chain.state is None or chain.chain_id is None or chain.tip_id is None:
-        return "no completed full backup to build on"
-    if not chain.state.base_usable:
-        return chain.state.reset_reason or "no usable full backup to build on"
-    if chain.backup_device != backup.backup_device:
-        return DEVICE_CHANGED
-    before = {str(d["target"]): d["size_bytes"] for d in chain.disks}
-    now = {d.target: d.size_bytes for d in disks}
-    for target in sorted(now.keys() - before.keys()):
-        return f"disk {target} was added"
-    for target in sorted(before.keys() - now.keys()):
-        return f"disk {target} was removed"
-    for target in sorted(now):
-        if now[target] != before[target]:
-            return f"disk {target} was resized from {before[target]} to {now[target]} bytes"
-    if not chain.tip_checkpoint:
-        return "the previous backup has no checkpoint"
-    return None
-
-
-def _decide(work: Work, disks: list[virt.DiskInfo], checkpoints: list[str]) -> Decision:
-    backup, chain = work.backup, work.chain
-    if backup.type == "incremental":
-        reason = _chain_change(chain, backup, disks)
-        if reason is None and chain.tip_checkpoint not in checkpoints:
-            reason = f"checkpoint {chain.tip_checkpoint} is missing (VM redefined or migrated?)"
-        if reason is None:
-            assert chain.chain_id is not None
-            return Decision("incremental", chain.tip_id, chain.chain_id, chain.tip_checkpoint, None)
-        return Decision("full", None, uuid.uuid4(), None, reason)
-    return Decision("full", None, uuid.uuid4(), None, backup.chain_reset_reason)
-
-
 async def _execute(ctx: WorkerContext, work: Work) -> str:
     backup, instance, hv = work.backup, work.instance, work.hypervisor
     uri, domain = hv.libvirt_uri, instance.domain_name
@@ -245,7 +198,7 @@ async def _execute(ctx: WorkerContext, work: Work) -> str:
     if not disks:
         raise BackupFailed("Instance has no file-backed disk to back up")
     checkpoints = await asyncio.to_thread(virt.list_checkpoints, uri, domain)
-    decision = _decide(work, disks, checkpoints)
+    decision = decide(work.backup, work.chain, disks, checkpoints)
     checkpoint = f"ibp-{backup.id}"
     scratch = Path(hv.scratch_dir)
 
@@ -303,6 +256,31 @@ async def _take(
 
     targets = [d.target for d in disks]
     try:
+        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)
+    except virt.CheckpointBroken as exc:
+        if decision.type != "incremental":
+            raise
+        # The bitmap is gone (QEMU killed, VM redefined): clean the metadata, start a new chain.
+        await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
+        decision.type, decision.parent_id, decision.incremental_from = "full", None, None
+        decision.chain_id = uuid.uuid4()
+        decision.reset_reason = str(exc)
+        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)
+
+
+async def _run_cancellable(
+    uri: str,
+    domain: str,
+    targets: list[str],
+    scratch: Path,
+    checkpoint: str,
+    decision: Decision,
+    progress: virt.Progress,
+) -> list[virt.ScratchFile]:
+    """libvirt's job runs in a thread; if this task is cancelled (arq's timeout, shutdown), the
+    event tells the thread to abort the job and clean up instead of running on unseen."""
+    cancel = threading.Event()
+    try:
         return await asyncio.to_thread(
             virt.run_backup,
             uri,
@@ -312,31 +290,11 @@ async def _take(
             checkpoint,
             decision.incremental_from,
             progress,
-            _cancel_event(),
+            cancel,
         )
-    except virt.CheckpointBroken as exc:
-        if decision.type != "incremental":
-            raise
-        # The bitmap is gone (QEMU killed, VM redefined): clean the metadata, start a new chain.
-        await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
-        decision.type, decision.parent_id, decision.incremental_from = "full", None, None
-        decision.chain_id = uuid.uuid4()
-        decision.reset_reason = str(exc)
-        return await asyncio.to_thread(
-            virt.run_backup,
-            uri,
-            domain,
-            targets,
-            scratch,
-            checkpoint,
-            None,
-            progress,
-            _cancel_event(),
-        )
-
-
-def _cancel_event() -> threading.Event:
-    return threading.Event()
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
 
 
 @dataclass(frozen=True)
@@ -418,7 +376,7 @@ async def _complete(
                     instance_id=backup.instance_id,
                     policy_id=backup.policy_id,
                     backup_device=backup.backup_device,
-                    disks=_disk_set(disks),
+                    disks=disk_set(disks),
                     storage_id=hv.backup_storage_id,
                     created_at=now,
                 )

@@ -1,0 +1,98 @@
+"""When the backup job turns a planned incremental into a full, and the reason it records."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.backups.chains import InstanceChain
+from app.models import Backup
+from app.scheduling import ChainState
+from app.virt import DiskInfo
+from worker.tasks.backup_decision import decide
+
+CHAIN = uuid.uuid4()
+TIP = uuid.uuid4()
+VDA = DiskInfo("vda", "/d/vda.qcow2", True, 64 << 20, "qcow2")
+VDB = DiskInfo("vdb", "/d/vdb.qcow2", False, 32 << 20, "qcow2")
+
+
+def _chain(**overrides: object) -> InstanceChain:
+    values: dict[str, object] = {
+        "state": ChainState(2, True),
+        "chain_id": CHAIN,
+        "tip_id": TIP,
+        "tip_checkpoint": f"ibp-{TIP}",
+        "backup_device": "all",
+        "disks": [
+            {"target": "vda", "size_bytes": 64 << 20},
+            {"target": "vdb", "size_bytes": 32 << 20},
+        ],
+        "busy": False,
+    }
+    values.update(overrides)
+    return InstanceChain(**values)  # type: ignore[arg-type]
+
+
+def _backup(type_: str = "incremental", device: str = "all") -> Backup:
+    return Backup(id=uuid.uuid4(), type=type_, backup_device=device)
+
+
+def test_incremental_builds_on_the_chain_tip() -> None:
+    d = decide(_backup(), _chain(), [VDA, VDB], [f"ibp-{TIP}"])
+    assert (d.type, d.parent_id, d.chain_id, d.incremental_from, d.reset_reason) == (
+        "incremental",
+        TIP,
+        CHAIN,
+        f"ibp-{TIP}",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("chain", "disks", "checkpoints", "reason"),
+    [
+        (_chain(state=None, chain_id=None, tip_id=None), [VDA, VDB], [], "no completed full"),
+        (
+            _chain(state=ChainState(0, False, "previous full backup failed")),
+            [VDA, VDB],
+            [],
+            "previous full backup failed",
+        ),
+        (
+            _chain(backup_device="primary"),
+            [VDA, VDB],
+            [f"ibp-{TIP}"],
+            "backup device setting changed",
+        ),
+        (
+            _chain(),
+            [VDA, VDB, DiskInfo("vdc", "/d/c", False, 1 << 20, "qcow2")],
+            [f"ibp-{TIP}"],
+            "disk vdc was added",
+        ),
+        (_chain(), [VDA], [f"ibp-{TIP}"], "disk vdb was removed"),
+        (
+            _chain(),
+            [VDA, DiskInfo("vdb", "/d/vdb.qcow2", False, 48 << 20, "qcow2")],
+            [f"ibp-{TIP}"],
+            "disk vdb was resized from 33554432 to 50331648 bytes",
+        ),
+        (_chain(), [VDA, VDB], [], f"checkpoint ibp-{TIP} is missing"),
+    ],
+)
+def test_a_broken_base_turns_the_incremental_into_a_full_with_the_reason(
+    chain: InstanceChain, disks: list[DiskInfo], checkpoints: list[str], reason: str
+) -> None:
+    d = decide(_backup(), chain, disks, checkpoints)
+    assert d.type == "full" and d.parent_id is None and d.incremental_from is None
+    assert d.chain_id != CHAIN
+    assert d.reset_reason is not None and d.reset_reason.startswith(reason)
+
+
+def test_a_planned_full_keeps_its_planned_reason() -> None:
+    backup = _backup("full")
+    backup.chain_reset_reason = "previous full backup failed"
+    d = decide(backup, _chain(), [VDA, VDB], [f"ibp-{TIP}"])
+    assert d.type == "full" and d.reset_reason == "previous full backup failed"
