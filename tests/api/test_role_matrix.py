@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.deps import admin_user, current_user
 from app.config import get_settings
 from app.main import API_PREFIX, create_app
+from app.models import Restore
 from tests.api.helpers import admin_with_headers, assert_problem, user_with_headers
 from tests.factories import create_backup, create_instance, create_policy
 
@@ -152,11 +153,21 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         instance = await create_instance(session, other, backup_policy_id=policy.id)
         backup = await create_backup(session, instance)
         token = (await client.post("/tokens", json={"name": "t"}, headers=other_headers)).json()
+        restore = Restore(
+            id=uuid.uuid4(),
+            backup_id=backup.id,
+            instance_id=instance.id,
+            target="new_disk",
+            status="completed",
+        )
+        session.add(restore)
+        await session.flush()
         values = {
             "policy_id": policy.id,
             "instance_id": instance.id,
             "backup_id": backup.id,
             "token_id": token["id"],
+            "restore_id": restore.id,
         }
         body = BODIES.get(str(endpoint))
         if str(endpoint) == "POST /backup-policies/{policy_id}/instances":
@@ -188,7 +199,21 @@ async def test_admin_reads_other_users_rows(
     policy = await create_policy(session, other)
     instance = await create_instance(session, other, backup_policy_id=policy.id)
     backup = await create_backup(session, instance)
-    values = {"policy_id": policy.id, "instance_id": instance.id, "backup_id": backup.id}
+    restore = Restore(
+        id=uuid.uuid4(),
+        backup_id=backup.id,
+        instance_id=instance.id,
+        target="new_disk",
+        status="completed",
+    )
+    session.add(restore)
+    await session.flush()
+    values = {
+        "policy_id": policy.id,
+        "instance_id": instance.id,
+        "backup_id": backup.id,
+        "restore_id": restore.id,
+    }
     failures = []
     for endpoint in USER_SCOPED:
         params = set(re.findall(r"\{(\w+)\}", endpoint.path))
