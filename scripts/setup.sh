@@ -40,16 +40,16 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-# --- Python environment (re-installed only when pyproject.toml changes) ----------------------
+# --- Python environment (versions pinned by constraints.txt; re-run when either file changes) -
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3.11 -m venv .venv
 fi
-stamp=".venv/.ibp-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.ibp-installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     log "installing Python dependencies"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[dev]'
+    .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
     rm -f .venv/.ibp-installed-*
     touch "$stamp"
 fi
