@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.backups.schemas import BackupDeletion, BackupFileRead, BackupRead
 from app.db import JobQueue
 from app.errors import Conflict, NotFound
-from app.models import Backup, BackupFile, Hypervisor, Instance, Location, User
+from app.models import Backup, BackupFile, Hypervisor, Instance, Location, Restore, User
 from app.queues import CONTROL_QUEUE
 from app.schemas import backup_costs, size_human
 
@@ -135,6 +135,16 @@ async def delete_backup(
     await session.refresh(backup, with_for_update=True)
     if backup.status == "deleting":
         return BackupDeletion(backup_ids=[backup.id])
+    restoring = await session.scalar(
+        select(Restore.id)
+        .where(
+            Restore.instance_id == backup.instance_id,
+            Restore.status.in_(("pending", "in_progress")),
+        )
+        .limit(1)
+    )
+    if restoring is not None:  # its files may be the very chain being read
+        raise Conflict("A restore of this instance is running; delete backups when it finishes")
     doomed = [backup, *await dependants_of(session, backup)]
     busy = [b for b in doomed if b.status == "in_progress"]
     if busy:

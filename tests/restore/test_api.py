@@ -263,3 +263,19 @@ async def test_stale_restores_are_reaped(session: AsyncSession) -> None:
     assert lost.id in reaped and alive.id not in reaped
     await session.refresh(lost)
     assert lost.status == "failed" and (lost.error or "").startswith("Worker lost")
+
+
+async def test_backups_cannot_be_deleted_while_a_restore_reads_them(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers, instance = await _owned(session)
+    backup = await create_backup(session, instance)
+    r = await client.post(
+        f"/backups/{backup.id}/restore", json={"target": "new_disk"}, headers=headers
+    )
+    assert r.status_code == 202, r.text
+    response = await client.delete(f"/backups/{backup.id}", headers=headers)
+    assert_problem(response, 409)
+    assert "restore" in response.json()["detail"]
+    await session.refresh(backup)
+    assert backup.status == "completed"
