@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple
@@ -57,6 +58,16 @@ async def fetch_page(
     total = await session.scalar(count)
     rows = (await session.execute(stmt.limit(params.limit).offset(params.offset))).all()
     return list(rows), int(total or 0)
+
+
+async def page_of(
+    session: AsyncSession, stmt: Select[Any], params: PageParams, item: Callable[[Any], T]
+) -> Page[T]:
+    """A list endpoint's page: `item` turns each row's entity into its read schema."""
+    rows, total = await fetch_page(session, stmt, params)
+    return Page(
+        items=[item(row[0]) for row in rows], total=total, limit=params.limit, offset=params.offset
+    )
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,7 @@ from app.auth.schemas import (
 from app.db import SessionDep
 from app.errors import problem_responses
 from app.models import ApiToken
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"], responses=problem_responses(401, 422))
 tokens_router = APIRouter(
@@ -37,9 +37,7 @@ async def login(payload: LoginRequest, session: SessionDep, request: Request) ->
 @tokens_router.get("", name="list", summary="List your personal API tokens")
 async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Page[ApiTokenRead]:
     stmt = service.personal_tokens(user).order_by(ApiToken.created_at.desc(), ApiToken.id)
-    rows, total = await fetch_page(session, stmt, page)
-    items = [ApiTokenRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(session, stmt, page, ApiTokenRead.model_validate)
 
 
 @tokens_router.post(

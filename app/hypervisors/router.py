@@ -9,7 +9,7 @@ from app.db import SessionDep
 from app.errors import problem_responses
 from app.hypervisors import service
 from app.hypervisors.schemas import HypervisorCreate, HypervisorRead, HypervisorUpdate
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(
     prefix="/hypervisors", tags=["hypervisors"], responses=problem_responses(401, 403, 404, 422)
@@ -18,9 +18,9 @@ router = APIRouter(
 
 @router.get("", name="list", summary="List hypervisors (admin)")
 async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[HypervisorRead]:
-    rows, total = await fetch_page(session, service.hypervisors_statement(), page)
-    items = [HypervisorRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(
+        session, service.hypervisors_statement(), page, HypervisorRead.model_validate
+    )
 
 
 @router.post(

@@ -10,7 +10,7 @@ from app.db import SessionDep
 from app.errors import problem_responses
 from app.instances import service
 from app.instances.schemas import InstanceCreate, InstanceRead, InstanceStatus, InstanceUpdate
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(
     prefix="/instances", tags=["instances"], responses=problem_responses(401, 404, 422)
@@ -25,9 +25,9 @@ async def list_all(
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[InstanceStatus | None, Query()] = None,
 ) -> Page[InstanceRead]:
-    rows, total = await fetch_page(session, service.list_statement(user, owner_id, status), page)
-    items = [InstanceRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(
+        session, service.list_statement(user, owner_id, status), page, InstanceRead.model_validate
+    )
 
 
 @router.post(

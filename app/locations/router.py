@@ -9,7 +9,7 @@ from app.db import SessionDep
 from app.errors import problem_responses
 from app.locations import service
 from app.locations.schemas import LocationCreate, LocationRead, LocationUpdate
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(
     prefix="/locations", tags=["locations"], responses=problem_responses(401, 403, 404, 422)
@@ -18,9 +18,7 @@ router = APIRouter(
 
 @router.get("", name="list", summary="List locations (admin)")
 async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[LocationRead]:
-    rows, total = await fetch_page(session, service.locations_statement(), page)
-    items = [LocationRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(session, service.locations_statement(), page, LocationRead.model_validate)
 
 
 @router.post(

@@ -21,7 +21,7 @@ from app.policies.schemas import (
     PolicyUpdate,
     SchedulePreviewRun,
 )
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, fetch_page, page_of
 
 router = APIRouter(
     prefix="/backup-policies",
@@ -100,9 +100,9 @@ async def list_instances(
     policy_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
 ) -> Page[InstanceBrief]:
     policy = await service.get_policy(session, user, policy_id)
-    rows, total = await fetch_page(session, service.attached_instances(policy), page)
-    items = [InstanceBrief.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(
+        session, service.attached_instances(policy), page, InstanceBrief.model_validate
+    )
 
 
 @router.get(
@@ -113,9 +113,9 @@ async def list_attachable_instances(
     policy_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
 ) -> Page[InstanceBrief]:
     policy = await service.get_policy(session, user, policy_id)
-    rows, total = await fetch_page(session, service.attachable_instances(policy), page)
-    items = [InstanceBrief.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(
+        session, service.attachable_instances(policy), page, InstanceBrief.model_validate
+    )
 
 
 @router.post(

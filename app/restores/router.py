@@ -10,7 +10,7 @@ from app.errors import problem_responses
 from app.instances.service import get_instance
 from app.restores import service
 from app.restores.schemas import RestoreCreate, RestoreRead
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(tags=["restores"], responses=problem_responses(401, 404, 422))
 
@@ -47,6 +47,6 @@ async def list_for_instance(
     instance_id: uuid.UUID, session: SessionDep, user: CurrentUser, page: PageDep
 ) -> Page[RestoreRead]:
     instance = await get_instance(session, user, instance_id)
-    rows, total = await fetch_page(session, service.list_statement(user, instance.id), page)
-    items = [RestoreRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(
+        session, service.list_statement(user, instance.id), page, RestoreRead.model_validate
+    )

@@ -7,7 +7,7 @@ from fastapi import APIRouter, status
 from app.auth.deps import AdminUser
 from app.db import SessionDep
 from app.errors import problem_responses
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 from app.storages import service
 from app.storages.schemas import (
     BackupStorageCreate,
@@ -25,13 +25,7 @@ router = APIRouter(
 
 @router.get("", name="list", summary="List backup storages (admin)")
 async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[BackupStorageRead]:
-    rows, total = await fetch_page(session, service.storages_statement(), page)
-    return Page(
-        items=[service.to_read(r[0]) for r in rows],
-        total=total,
-        limit=page.limit,
-        offset=page.offset,
-    )
+    return await page_of(session, service.storages_statement(), page, service.to_read)
 
 
 @router.post(

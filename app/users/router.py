@@ -7,7 +7,7 @@ from fastapi import APIRouter, status
 from app.auth.deps import AdminUser, CurrentUser
 from app.db import SessionDep
 from app.errors import problem_responses
-from app.schemas import Page, PageDep, fetch_page
+from app.schemas import Page, PageDep, page_of
 from app.users import service
 from app.users.schemas import MeUpdate, UserCreate, UserRead, UserUpdate
 
@@ -29,9 +29,7 @@ async def update(payload: MeUpdate, session: SessionDep, user: CurrentUser) -> U
 
 @users_router.get("", name="list", summary="List users (admin)")
 async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[UserRead]:
-    rows, total = await fetch_page(session, service.users_statement(), page)
-    items = [UserRead.model_validate(r[0]) for r in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+    return await page_of(session, service.users_statement(), page, UserRead.model_validate)
 
 
 @users_router.post(
