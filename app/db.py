@@ -78,12 +78,17 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     await queue.flush(request.app.state.arq)
 
 
-def get_job_queue(request: Request, _: AsyncSession = Depends(get_session)) -> JobQueue:
+# scope="function": commit (and enqueue) before the response is sent, so a client never gets a
+# success for a transaction that then fails, nor reads its own write too early.
+_session = Depends(get_session, scope="function")
+
+
+def get_job_queue(request: Request, _: AsyncSession = _session) -> JobQueue:
     queue: JobQueue = request.state.job_queue
     return queue
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionDep = Annotated[AsyncSession, _session]
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
