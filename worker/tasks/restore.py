@@ -220,11 +220,25 @@ def _placements(work: Work, disks: list[virt.DiskInfo]) -> dict[str, Placement]:
 
 
 def _replace(placement: Placement) -> None:
-    """Swap the restored image in; it keeps the old disk's owner and mode (QEMU opens it)."""
+    """Swap the restored image in; it keeps the old disk's owner and mode (QEMU opens it).
+
+    The image is on disk (fsync) before the rename, and the rename before we report success:
+    a crash right after a restore must not leave a half-written disk in the VM's place.
+    """
     st = placement.final.stat()
     os.chown(placement.partial, st.st_uid, st.st_gid)
     os.chmod(placement.partial, st.st_mode & 0o7777)
+    _fsync(placement.partial)
     os.replace(placement.partial, placement.final)
+    _fsync(placement.final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _execute(ctx: WorkerContext, work: Work) -> str:
@@ -258,6 +272,7 @@ async def _execute(ctx: WorkerContext, work: Work) -> str:
             if in_place:
                 await asyncio.to_thread(_replace, placement)
             else:
+                await asyncio.to_thread(_fsync, placement.partial)
                 await asyncio.to_thread(os.replace, placement.partial, placement.final)
     finally:
         await driver.close()
