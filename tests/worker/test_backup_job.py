@@ -314,3 +314,23 @@ async def test_retention_deletes_the_oldest_chain_after_a_new_full(
     async with maker() as session:
         assert await session.get(Backup, first.id) is None
         assert (await session.get(Backup, second.id)) is not None
+
+
+async def test_a_second_backup_of_a_busy_instance_is_skipped_not_run_alongside(
+    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+) -> None:
+    running = await _pending(real_sessionmaker, world, "full")
+    async with real_sessionmaker() as session:
+        await session.execute(
+            update(Backup).where(Backup.id == running).values(status="in_progress")
+        )
+        await session.commit()
+    second = await _pending(real_sessionmaker, world, "full")
+    await run_backup(worker_ctx, str(second))
+    async with real_sessionmaker() as session:
+        skipped = await session.get(Backup, second)
+        assert skipped is not None and skipped.status == "failed"
+        assert skipped.error == "Skipped: another backup of this instance was already running"
+        policy = await session.get(BackupPolicy, world.policy.id)
+        assert policy is not None and policy.status == "active"
+    assert not virt.job_running(world.vm.uri, world.vm.name)

@@ -41,6 +41,7 @@ from worker.tasks.backup_decision import Decision, decide, disk_set
 from worker.tasks.heartbeat import keep_alive
 
 log = logging.getLogger(__name__)
+OVERLAP = "Skipped: another backup of this instance was already running"
 INTERRUPTED = "The worker stopped during the backup; it was cleaned up and the next run retries"
 
 
@@ -136,6 +137,25 @@ async def _claim(ctx: WorkerContext, backup_id: uuid.UUID) -> Work | None:
             )
             if refused is not None:
                 await record_failure(session, refused, RESTORE_RUNNING, now)
+            await session.commit()
+            return None
+        overlapping = await session.scalar(
+            select(Backup.id)
+            .where(
+                Backup.instance_id == instance_id,
+                Backup.status == "in_progress",
+                Backup.id != backup_id,
+            )
+            .limit(1)
+        )
+        if overlapping is not None:
+            # Two backups were queued at once (a scheduled slot and Backup now): the instance's
+            # disks take one job at a time. Skipped, not an error of the policy.
+            await session.execute(
+                update(Backup)
+                .where(Backup.id == backup_id, Backup.status == "pending")
+                .values(status="failed", error=OVERLAP, completed_at=now, progress=None)
+            )
             await session.commit()
             return None
         backup = await session.scalar(
