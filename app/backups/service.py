@@ -145,13 +145,19 @@ async def delete_backup(
     )
     if restoring is not None:  # its files may be the very chain being read
         raise Conflict("A restore of this instance is running; delete backups when it finishes")
-    doomed = [backup, *await dependants_of(session, backup)]
-    busy = [b for b in doomed if b.status == "in_progress"]
-    if busy:
+    running = await session.scalar(
+        select(Backup.id)
+        .where(Backup.instance_id == backup.instance_id, Backup.status == "in_progress")
+        .limit(1)
+    )
+    if running is not None:
+        # A running incremental is being built on this instance's chain tip: deleting the
+        # chain under it would leave an incremental whose parent is gone.
         raise Conflict(
-            "Backup is in progress and cannot be deleted until it finishes",
-            backup_ids=[str(b.id) for b in busy],
+            "A backup of this instance is in progress; delete backups when it finishes",
+            backup_ids=[str(running)],
         )
+    doomed = [backup, *await dependants_of(session, backup)]
     if len(doomed) > 1 and not cascade:
         names = ", ".join(f"{b.type} {b.id}" for b in doomed[1:])
         raise Conflict(

@@ -355,3 +355,25 @@ async def test_unknown_backup_is_404(client: httpx.AsyncClient, session: AsyncSe
     _, headers = await admin_with_headers(session)
     assert_problem(await client.get(f"/backups/{uuid.uuid4()}", headers=headers), 404)
     assert_problem(await client.delete(f"/backups/{uuid.uuid4()}", headers=headers), 404)
+
+
+async def test_chain_cannot_be_deleted_under_a_running_incremental(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    user, headers = await user_with_headers(session)
+    instance = await create_instance(session, user)
+    full = await create_backup(session, instance, type="full")
+    # The running incremental has no chain yet (it is set when it completes) but builds on it.
+    await create_backup(
+        session,
+        instance,
+        type="incremental",
+        status="in_progress",
+        completed_at=None,
+        scheduled_for=datetime.now(UTC) + timedelta(minutes=1),
+    )
+    response = await client.delete(f"/backups/{full.id}?cascade=true", headers=headers)
+    assert_problem(response, 409)
+    assert "in progress" in response.json()["detail"]
+    await session.refresh(full)
+    assert full.status == "completed"
