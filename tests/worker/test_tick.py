@@ -13,7 +13,7 @@ from arq.connections import ArqRedis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.models import Backup, BackupChain, BackupPolicy
+from app.models import Backup, BackupChain, BackupPolicy, Instance
 from app.queues import hypervisor_queue
 from app.scheduling import run_on_local_date
 from tests.factories import create_instance, create_policy, create_user
@@ -33,6 +33,19 @@ def sessionmaker(committed_engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 async def session(sessionmaker: async_sessionmaker[AsyncSession]):  # type: ignore[no-untyped-def]
     async with sessionmaker() as s:
         yield s
+
+
+DUE = datetime(2026, 6, 1, 2, tzinfo=UTC)
+
+
+async def _attached(session: AsyncSession, **policy: object) -> tuple[BackupPolicy, Instance]:
+    """An owner's policy, due at DUE unless told otherwise, with one instance attached."""
+    owner = await create_user(session)
+    instance = await create_instance(session, owner)
+    created = await create_policy(session, owner, **{"next_run_at": DUE, **policy})
+    instance.backup_policy_id = created.id
+    await session.commit()
+    return created, instance
 
 
 def _ticks(start: datetime, days: int, runs: list[datetime]) -> list[datetime]:
@@ -229,13 +242,7 @@ async def test_full_only_policy_takes_a_full_every_day(sessionmaker, session) ->
 
 
 async def test_three_days_of_downtime_give_exactly_one_catch_up_run(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(
-        session, owner, hour=2, next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC)
-    )
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    policy, _instance = await _attached(session, hour=2)
 
     await run_tick(sessionmaker, None, datetime(2026, 6, 1, 2, 0, tzinfo=UTC), GRACE)
     await complete_pending(sessionmaker, datetime(2026, 6, 1, 2, 5, tzinfo=UTC))
@@ -255,13 +262,7 @@ async def test_three_days_of_downtime_give_exactly_one_catch_up_run(sessionmaker
 
 
 async def test_missed_run_older_than_grace_is_skipped_and_recorded(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(
-        session, owner, hour=2, next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC)
-    )
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    policy, _instance = await _attached(session, hour=2)
     result = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 12, tzinfo=UTC), GRACE)
     assert not result.dispatched
     await session.refresh(policy)
@@ -270,13 +271,7 @@ async def test_missed_run_older_than_grace_is_skipped_and_recorded(sessionmaker,
 
 
 async def test_paused_policy_dispatches_nothing(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(
-        session, owner, status="paused", next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC)
-    )
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    _policy, _instance = await _attached(session, status="paused")
     result = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 2, 1, tzinfo=UTC), GRACE)
     assert result.policies == 0 and not result.dispatched
 
@@ -310,27 +305,13 @@ async def test_suspended_instance_records_a_failed_backup_and_errors_the_policy(
 
 
 async def test_error_policy_keeps_running_on_schedule(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(
-        session,
-        owner,
-        status="error",
-        last_error="x",
-        next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC),
-    )
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    _policy, _instance = await _attached(session, status="error", last_error="x")
     result = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 2, tzinfo=UTC), GRACE)
     assert len(result.dispatched) == 1
 
 
 async def test_overlapping_run_is_skipped_visibly(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(session, owner, next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC))
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    policy, _instance = await _attached(session)
     await run_tick(sessionmaker, None, datetime(2026, 6, 1, 2, tzinfo=UTC), GRACE)
     # The first backup is still pending a day later (a very slow job): the next slot skips.
     result = await run_tick(sessionmaker, None, datetime(2026, 6, 2, 2, tzinfo=UTC), GRACE)
@@ -344,11 +325,7 @@ async def test_dispatch_enqueues_the_job_on_the_hypervisor_queue(
     session,
     arq_redis: ArqRedis,  # type: ignore[no-untyped-def]
 ) -> None:
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(session, owner, next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC))
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    _policy, instance = await _attached(session)
     result = await run_tick(sessionmaker, arq_redis, datetime(2026, 6, 1, 2, tzinfo=UTC), GRACE)
     (backup_id,) = result.dispatched
     jobs = await arq_redis.queued_jobs(queue_name=hypervisor_queue(instance.hypervisor_id))
@@ -385,11 +362,7 @@ async def test_two_racing_ticks_dispatch_each_slot_once(committed_engine: AsyncE
 
 
 async def test_repeated_tick_is_harmless(sessionmaker, session) -> None:  # type: ignore[no-untyped-def]
-    owner = await create_user(session)
-    instance = await create_instance(session, owner)
-    policy = await create_policy(session, owner, next_run_at=datetime(2026, 6, 1, 2, tzinfo=UTC))
-    instance.backup_policy_id = policy.id
-    await session.commit()
+    _policy, _instance = await _attached(session)
     for _ in range(2):
         await run_tick(sessionmaker, None, datetime(2026, 6, 1, 2, tzinfo=UTC), GRACE)
     count = await session.scalar(select(func.count()).select_from(Backup))
