@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from io import BufferedWriter
 from pathlib import Path
 
@@ -19,14 +19,43 @@ from app.storage.base import (
     StorageFull,
     temp_name,
 )
+from app.storage.pipeline import copy_and_hash
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-async def iter_file(
-    path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE
-) -> AsyncIterator[bytes]:
-    """Stream a file as chunks, reading the next chunk while the consumer handles this one."""
+class FileChunks:
+    """A local file as a stream of chunks, reading the next chunk while the consumer handles
+    this one. It keeps its ``path``, so a consumer that writes to a local file too (the local
+    driver) may copy the file directly instead, as long as nobody has started reading it."""
+
+    def __init__(self, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> None:
+        self.path = Path(path)
+        self.chunk_size = chunk_size
+        self._stream: AsyncGenerator[bytes, None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._stream is not None
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._stream is None:
+            self._stream = _read_ahead(self.path, self.chunk_size)
+        return await anext(self._stream)
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> FileChunks:
+    return FileChunks(path, chunk_size)
+
+
+async def _read_ahead(path: Path, chunk_size: int) -> AsyncGenerator[bytes, None]:
     f = await asyncio.to_thread(open, path, "rb")
     pending: asyncio.Future[bytes] | None = None
     try:
@@ -52,17 +81,40 @@ async def write_stream_to_file(
     """Write a stream atomically: temp file in the same dir, fsync, rename, fsync the dir.
 
     On any failure (including cancellation) the temp file is removed and `path` is untouched.
+    A stream that is an unread local file (`iter_file`) is copied by `copy_and_hash` instead.
     """
-    target = Path(path)
+    if isinstance(chunks, FileChunks) and not chunks.started:
+        return await _atomic_write(Path(path), lambda f: _copy_file_into(chunks.path, f))
+
+    async def fill(f: BufferedWriter) -> PutResult:
+        counter = Sha256Counter()
+        async for chunk in chunks:
+            await asyncio.to_thread(_write_and_hash, f, chunk, counter)
+        await asyncio.to_thread(_flush_and_sync, f)
+        return counter.result()
+
+    return await _atomic_write(Path(path), fill)
+
+
+async def _copy_file_into(source: Path, f: BufferedWriter) -> PutResult:
+    def copy() -> PutResult:
+        with open(source, "rb", buffering=0) as src:
+            result = copy_and_hash(src, f.fileno())
+        os.fsync(f.fileno())
+        return result
+
+    return await asyncio.to_thread(copy)
+
+
+async def _atomic_write(
+    target: Path, fill: Callable[[BufferedWriter], Awaitable[PutResult]]
+) -> PutResult:
     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
     tmp = target.parent / temp_name(target.name)
-    counter = Sha256Counter()
     f = await asyncio.to_thread(open, tmp, "xb")
     try:
         try:
-            async for chunk in chunks:
-                await asyncio.to_thread(_write_and_hash, f, chunk, counter)
-            await asyncio.to_thread(_flush_and_sync, f)
+            result = await fill(f)
         finally:
             await asyncio.to_thread(f.close)
         await asyncio.to_thread(os.replace, tmp, target)
@@ -73,7 +125,7 @@ async def write_stream_to_file(
             raise translate_os_error(exc, f"writing {target}") from exc
         raise
     await asyncio.to_thread(_fsync_dir, target.parent)
-    return counter.result()
+    return result
 
 
 def translate_os_error(exc: OSError, doing: str) -> StorageError:

@@ -7,6 +7,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
+from io import RawIOBase
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from app.storage.base import (
     validate_prefix,
 )
 from app.storage.files import iter_file, translate_os_error, write_stream_to_file
+from app.storage.pipeline import fsync_while
 
 ADOPT_READ = 8 * 1024 * 1024
 
@@ -150,10 +152,9 @@ class NfsDriver(LocalDriver):
 
 def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
     counter = Sha256Counter()
-    with source.open("rb") as f:
-        while chunk := f.read(ADOPT_READ):
-            counter.update(chunk)
-        os.fsync(f.fileno())
+    with source.open("rb", buffering=0) as f:
+        # The writeback of the freshly written scratch file runs while we hash it.
+        fsync_while(f.fileno(), lambda: _hash_into(f, counter))
     os.replace(source, target)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
@@ -161,6 +162,13 @@ def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
     finally:
         os.close(dir_fd)
     return counter.result()
+
+
+def _hash_into(f: RawIOBase, counter: Sha256Counter) -> None:
+    buf = bytearray(ADOPT_READ)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        counter.update(view[:n])
 
 
 def _walk(root: Path, prefix: str) -> list[ObjectInfo]:

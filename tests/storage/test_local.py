@@ -14,6 +14,7 @@ from app.storage import (
     StorageUnreachable,
     get_driver,
     iter_file,
+    pipeline,
     write_stream_to_file,
 )
 from app.storage.base import validate_key
@@ -63,6 +64,57 @@ async def test_iter_file_and_write_stream_to_file_round_trip(tmp_path: Path) -> 
     assert (result.size, result.sha256) == (len(data), sha256(data))
     assert (tmp_path / "d/dst").read_bytes() == data
     assert sorted(os.listdir(tmp_path / "d")) == ["dst"]
+
+
+async def test_an_unread_file_stream_is_copied_through_the_pipeline_byte_for_byte(
+    tmp_path: Path,
+) -> None:
+    # More than the ring of buffers holds, and not a multiple of a buffer.
+    size = pipeline.CHUNK * (pipeline.DEPTH + 2) + 12345
+    data = payload(size, seed=41)
+    (tmp_path / "src").write_bytes(data)
+    driver = LocalDriver({"path": str(tmp_path / "store")})
+    (tmp_path / "store").mkdir()
+
+    result = await driver.put("i/c/b/vda.qcow2", iter_file(tmp_path / "src"))
+
+    assert (result.size, result.sha256) == (size, sha256(data))
+    assert (tmp_path / "store/i/c/b/vda.qcow2").read_bytes() == data
+    assert os.listdir(tmp_path / "store/i/c/b") == ["vda.qcow2"]
+
+
+async def test_a_stream_already_read_from_is_not_copied_from_its_start(tmp_path: Path) -> None:
+    data = payload(3 * MiB, seed=42)
+    (tmp_path / "src").write_bytes(data)
+    stream = iter_file(tmp_path / "src", MiB)
+    first = await anext(stream)
+
+    result = await write_stream_to_file(stream, tmp_path / "dst")
+
+    assert first == data[:MiB]
+    assert (result.size, result.sha256) == (2 * MiB, sha256(data[MiB:]))
+
+
+def test_the_pipeline_reports_a_failed_write_instead_of_hanging(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(payload(3 * pipeline.CHUNK))
+    (tmp_path / "dst").write_bytes(b"")
+    read_only = os.open(tmp_path / "dst", os.O_RDONLY)
+    try:
+        with open(tmp_path / "src", "rb", buffering=0) as src, pytest.raises(OSError):
+            pipeline.copy_and_hash(src, read_only)
+    finally:
+        os.close(read_only)
+
+
+async def test_a_failed_pipeline_copy_leaves_no_temporary_file(tmp_path: Path) -> None:
+    with mounted_tmpfs("4m") as point:
+        (tmp_path / "src").write_bytes(payload(3 * pipeline.CHUNK))
+        driver = LocalDriver({"path": str(point)})
+
+        with pytest.raises(StorageFull, match="no space left"):
+            await driver.put("i/c/b/vda.qcow2", iter_file(tmp_path / "src"))
+
+        assert [p for p in point.rglob("*") if p.is_file()] == []
 
 
 async def test_iter_file_closes_the_file_when_the_consumer_stops_early(tmp_path: Path) -> None:

@@ -1,0 +1,128 @@
+"""Local file copies that hash every byte at the speed of a plain copy.
+
+A kernel copy (``copyfile``) moves about 1.7 GB/s here; sha256 runs at about 1.9 GB/s but on one
+core. Doing read, hash and write one after another costs their sum. Here the calling thread
+reads into a small ring of buffers while one thread hashes and another writes each buffer, so
+the three overlap and the copy costs about as much as its slowest step. The hash is of the very
+bytes written, not of a second read of the source. The writer also asks the kernel to start
+writing each finished stretch back to disk, so the final fsync has little left to do.
+
+Memory: ``DEPTH`` buffers of ``CHUNK`` bytes, whatever the file's size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from io import RawIOBase
+from typing import TypeVar
+
+from app.storage.base import PutResult, Sha256Counter
+
+CHUNK = 8 * 1024 * 1024
+DEPTH = 4
+WRITEBACK_EVERY = 64 * 1024 * 1024  # start writeback of each 64 MiB once it is written
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+T = TypeVar("T")
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    sync_file_range: Callable[[int, int, int, int], int] = fn
+    return sync_file_range
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting (best effort)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class _Writer:
+    """Writes buffers in order (one thread) and starts their writeback as it goes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = 0
+        self.flushed = 0
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.written += n
+        if self.written - self.flushed >= WRITEBACK_EVERY:
+            start_writeback(self.fd, self.flushed, self.written - self.flushed)
+            self.flushed = self.written
+
+
+def copy_and_hash(src: RawIOBase, dst_fd: int) -> PutResult:
+    """Copy ``src`` (opened unbuffered) to ``dst_fd``; sha256 and size of what was written.
+
+    Raises the first OSError of the read, the hash or the write; the caller removes the
+    partial destination. Does not fsync: the caller owns durability and naming.
+    """
+    counter = Sha256Counter()
+    writer = _Writer(dst_fd)
+    ring = [bytearray(CHUNK) for _ in range(DEPTH)]
+    in_flight: deque[tuple[Future[None], Future[None]]] = deque()
+    with (
+        ThreadPoolExecutor(1, "ibp-hash") as hasher,
+        ThreadPoolExecutor(1, "ibp-write") as out,
+    ):
+        try:
+            turn = 0
+            while True:
+                if len(in_flight) == DEPTH:  # the oldest buffer must be free before reuse
+                    _finish(in_flight.popleft())
+                buf = ring[turn % DEPTH]
+                n = src.readinto(buf)
+                if not n:
+                    break
+                view = memoryview(buf)[:n]
+                in_flight.append(
+                    (hasher.submit(counter.update, view), out.submit(writer.write, view))
+                )
+                turn += 1
+            while in_flight:
+                _finish(in_flight.popleft())
+        except BaseException:
+            for pair in in_flight:
+                for fut in pair:
+                    fut.cancel()
+            raise
+    return counter.result()
+
+
+def _finish(pair: tuple[Future[None], Future[None]]) -> None:
+    hashed, written = pair
+    written.result()
+    hashed.result()
+
+
+def fsync_while(fd: int, work: Callable[[], T]) -> T:
+    """Run ``work`` while another thread fsyncs ``fd``; both must succeed."""
+    with ThreadPoolExecutor(1, "ibp-fsync") as syncer:
+        synced = syncer.submit(os.fsync, fd)
+        try:
+            result = work()
+        finally:
+            synced_exc = synced.exception()
+        if synced_exc is not None:
+            raise synced_exc
+    return result
