@@ -32,6 +32,7 @@ import asyncpg  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
 from app.db import build_sessionmaker  # noqa: E402
+from bench._disk import prime_free_space  # noqa: E402
 from app.models import (  # noqa: E402
     Backup,
     BackupPolicy,
@@ -165,7 +166,18 @@ def run_job(backup_id: uuid.UUID) -> tuple[float, int]:
     return elapsed, peak
 
 
-def bench_size(gib: int, rounds: int, base: Path) -> dict[str, float]:
+def prepare_cache(disk: Path, cache: str) -> None:
+    """Start a timed copy with its source disk cold (not in the page cache) or warm (all in)."""
+    os.sync()
+    if cache == "cold":
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    else:
+        with disk.open("rb", buffering=0) as f:
+            while f.read(16 * MiB):
+                pass
+
+
+def bench_size(gib: int, rounds: int, base: Path, cache: str) -> dict[str, float]:
     size = gib * 1024 * MiB
     work = Path(tempfile.mkdtemp(prefix="ibp-backup-bench-", dir=base))
     storage, scratch = work / "storage", work / "scratch"
@@ -178,25 +190,34 @@ def bench_size(gib: int, rounds: int, base: Path) -> dict[str, float]:
         vm = vmkit.define_vm(name, [("vda", size)], work / "vm", fill_from={"vda": raw})
         raw.unlink()
         instance_id = asyncio.run(seed(vm, storage, scratch, size))
+        # Each round writes the backup (scratch, then moved), and the reference copy.
+        prime_free_space(work, (2 * rounds + 2) * size)
         job_times, in_worker, convert_times, peaks = [], [], [], []
         for i in range(rounds):
-            os.sync()
             backup_id = asyncio.run(pending(instance_id, "full"))
+            prepare_cache(vm.disk("vda"), cache)
             elapsed, peak = run_job(backup_id)
             job_times.append(elapsed)
             done = asyncio.run(result(backup_id))
             assert done.started_at and done.completed_at
             in_worker.append((done.completed_at - done.started_at).total_seconds())
             peaks.append(peak)
-            os.sync()
             out = storage / f"convert-{i}.qcow2"
+            prepare_cache(vm.disk("vda"), cache)
             t0 = time.perf_counter()
             subprocess.run(
                 ["qemu-img", "convert", "-U", "-O", "qcow2", str(vm.disk("vda")), str(out)],
                 check=True,
             )
+            t1 = time.perf_counter()
             os.sync()  # the job fsyncs what it stores; make the reference pay the same
-            convert_times.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            convert_times.append(t2 - t0)
+            print(
+                f"  round {i + 1}: job {elapsed:.2f}s (in-worker {in_worker[-1]:.2f}s), "
+                f"reference {t2 - t0:.2f}s = convert {t1 - t0:.2f}s + sync {t2 - t1:.2f}s",
+                flush=True,
+            )
             out.unlink()
         written = size // 100
         vmkit.write_pattern(vm.name, "vda", 0xA5, size // 3, written)
@@ -221,10 +242,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,4", help="disk sizes in GiB, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument(
+        "--cache",
+        choices=["warm", "cold"],
+        default="warm",
+        help="source disk in the page cache before each timed copy, or dropped from it",
+    )
     args = ap.parse_args()
     vmkit.ensure_libvirtd()
     asyncio.run(make_db())
-    rows = {int(g): bench_size(int(g), args.rounds, args.dir) for g in args.sizes.split(",")}
+    print(f"source disk {args.cache} before each timed copy")
+    rows = {
+        int(g): bench_size(int(g), args.rounds, args.dir, args.cache) for g in args.sizes.split(",")
+    }
     print("job = the backup job's process, start to exit; in-worker = claimed -> completed")
     print(
         f"{'disk':>5} {'job s':>7} {'in-worker s':>11} {'convert s':>9} {'ratio':>6} "

@@ -167,6 +167,10 @@ def main() -> None:
     try:
         print(f"writing a {size / GiB:g} GiB random source file ...", flush=True)
         src, expected = make_source(work, size)
+        from bench._disk import prime_free_space
+
+        # Each upload is written by its server into this same disk, then deleted.
+        prime_free_space(work, 2 * size)
         targets: dict[str, tuple[dict[str, Any], Path]] = {}
         (work / "local").mkdir()
         targets["local"] = ({"path": str(work / "local")}, work / "local")

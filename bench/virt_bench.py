@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.virt import data_bytes, delete_checkpoint, run_backup  # noqa: E402
+from bench._disk import prime_free_space  # noqa: E402
 from tests.virt import vmkit  # noqa: E402
 
 MiB = 1024 * 1024
@@ -61,6 +62,7 @@ def main() -> int:
         vm = vmkit.define_vm(name, [("vda", size)], work / "vm", fill_from={"vda": raw})
         raw.unlink()
         disk = vm.disk("vda")
+        prime_free_space(work, (2 * args.rounds + 2) * size)
         print(f"disk: {disk} ({disk.stat().st_size / MiB:.0f} MiB on disk)")
 
         backup_times: list[float] = []
