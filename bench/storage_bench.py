@@ -198,6 +198,9 @@ def main() -> None:
                         raise SystemExit(f"{kind} driver returned a wrong sha256")
                     runs[who].append(result)
                     shutil.rmtree(store / "bench", ignore_errors=True)
+            for w in runs:
+                times = " ".join(f"{r['seconds']:.2f}" for r in runs[w])
+                print(f"  {kind} {w} seconds, in run order: {times}", flush=True)
             mbps = {w: statistics.median(size / r["seconds"] / 1e6 for r in runs[w]) for w in runs}
             rss = {w: max(r["peak_rss"] for r in runs[w]) / 1e6 for w in runs}
             ref = f"{mbps['reference']:.0f} ({REFERENCE[kind]})"
