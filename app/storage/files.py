@@ -76,15 +76,17 @@ async def _read_ahead(path: Path, chunk_size: int) -> AsyncGenerator[bytes, None
 
 
 async def write_stream_to_file(
-    chunks: AsyncIterator[bytes], path: str | os.PathLike[str]
+    chunks: AsyncIterator[bytes], path: str | os.PathLike[str], direct: bool = False
 ) -> PutResult:
     """Write a stream atomically: temp file in the same dir, fsync, rename, fsync the dir.
 
     On any failure (including cancellation) the temp file is removed and `path` is untouched.
-    A stream that is an unread local file (`iter_file`) is copied by `copy_and_hash` instead.
+    A stream that is an unread local file (`iter_file`) is copied by `copy_and_hash` instead,
+    bypassing the page cache when ``direct``.
     """
     if isinstance(chunks, FileChunks) and not chunks.started:
-        return await _atomic_write(Path(path), lambda f: _copy_file_into(chunks.path, f))
+        source = chunks.path
+        return await _atomic_write(Path(path), lambda f: _copy_file_into(source, f, direct))
 
     async def fill(f: BufferedWriter) -> PutResult:
         counter = Sha256Counter()
@@ -96,10 +98,10 @@ async def write_stream_to_file(
     return await _atomic_write(Path(path), fill)
 
 
-async def _copy_file_into(source: Path, f: BufferedWriter) -> PutResult:
+async def _copy_file_into(source: Path, f: BufferedWriter, direct: bool) -> PutResult:
     def copy() -> PutResult:
         with open(source, "rb", buffering=0) as src:
-            result = copy_and_hash(src, f.fileno())
+            result = copy_and_hash(src, f.fileno(), direct)
         os.fsync(f.fileno())
         return result
 

@@ -32,6 +32,9 @@ ADOPT_READ = 8 * 1024 * 1024
 
 
 class LocalDriver:
+    # Local disks take backup files past the page cache (see app.storage.pipeline).
+    direct_io = True
+
     def __init__(self, config: Mapping[str, Any]) -> None:
         path = config.get("path")
         if not path or not os.path.isabs(str(path)):
@@ -49,7 +52,7 @@ class LocalDriver:
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
         target = self._path(key)
         await self._ready()
-        return await write_stream_to_file(chunks, target)
+        return await write_stream_to_file(chunks, target, self.direct_io)
 
     async def local_root(self) -> Path:
         """The directory holding the objects, for readers that can use files in place."""
@@ -70,7 +73,7 @@ class LocalDriver:
             await asyncio.to_thread(os.stat, target.parent)
         ).st_dev
         if not same_fs:
-            result = await write_stream_to_file(iter_file(source), target)
+            result = await write_stream_to_file(iter_file(source), target, self.direct_io)
             await asyncio.to_thread(source.unlink, True)
             return result
         try:
@@ -135,6 +138,10 @@ class LocalDriver:
 
 class NfsDriver(LocalDriver):
     """An NFS share mounted on this host by the operator; `server`/`export` are informative."""
+
+    # Direct writes to NFS are synchronous round trips to the server; the client's own
+    # write-behind is the faster path there.
+    direct_io = False
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)

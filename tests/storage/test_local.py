@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -93,6 +94,37 @@ async def test_a_stream_already_read_from_is_not_copied_from_its_start(tmp_path:
 
     assert first == data[:MiB]
     assert (result.size, result.sha256) == (2 * MiB, sha256(data[MiB:]))
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_pipeline_copies_direct_or_buffered_with_an_unaligned_tail(
+    tmp_path: Path, direct: bool
+) -> None:
+    data = payload(2 * pipeline.CHUNK + 4096 * 3 + 17, seed=43)
+    (tmp_path / "src").write_bytes(data)
+    fd = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with open(tmp_path / "src", "rb", buffering=0) as src:
+            result = pipeline.copy_and_hash(src, fd, direct=direct)
+        # The tail went through the cache: O_DIRECT is off again whichever way it started.
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT == 0
+    finally:
+        os.close(fd)
+
+    assert (result.size, result.sha256) == (len(data), sha256(data))
+    assert (tmp_path / "dst").read_bytes() == data
+
+
+def test_local_storage_writes_past_the_page_cache_where_the_filesystem_allows(
+    tmp_path: Path,
+) -> None:
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert pipeline._Writer(fd, direct=True).direct  # ext4 here: direct I/O is on
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert LocalDriver.direct_io and not NfsDriver.direct_io
 
 
 def test_the_pipeline_reports_a_failed_write_instead_of_hanging(tmp_path: Path) -> None:
