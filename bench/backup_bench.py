@@ -32,7 +32,6 @@ import asyncpg  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine  # noqa: E402
 
 from app.db import build_sessionmaker  # noqa: E402
-from bench._disk import prime_free_space  # noqa: E402
 from app.models import (  # noqa: E402
     Backup,
     BackupPolicy,
@@ -43,6 +42,7 @@ from app.models import (  # noqa: E402
     Location,
     User,
 )
+from bench._disk import prime_free_space  # noqa: E402
 from bench.virt_bench import make_raw  # noqa: E402
 from tests.virt import vmkit  # noqa: E402
 

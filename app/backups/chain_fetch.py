@@ -7,29 +7,32 @@ into a work dir with the storage's relative layout
 ``../<parent id>/<disk>.qcow2``, so the newest file converts directly, with no rebase (a rebase
 would rewrite the header of the very file whose hash is being checked).
 
-Hashing runs at ~400 MB/s here, about as fast as ``qemu-img convert`` itself. The files are
-therefore hashed from the local copy *while* the images are converted, and nothing leaves the
-work area (no output renamed into place, no disk replaced) before every hash matched.
+Hashing (sha256 at ~1.9 GB/s, from the page cache mapping) costs about as much as
+``qemu-img convert`` itself. The files are therefore hashed *while* the images are converted,
+and nothing leaves the work area (no output renamed into place, no disk replaced) before every
+hash matched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import virt
 from app.models import Backup, BackupChain, BackupFile
-from app.storage.base import CHUNK_SIZE, BackupStorageDriver, ObjectNotFound, validate_key
+from app.storage.base import BackupStorageDriver, ObjectNotFound, validate_key
+from app.storage.pipeline import sha256_of
 from app.virt.images import LONG_TIMEOUT, run_qemu_img
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -166,11 +169,7 @@ async def _download(driver: BackupStorageDriver, key: str, path: Path, done: Pro
 
 
 def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            digest.update(chunk)  # releases the GIL: hashing runs beside the event loop
-    return digest.hexdigest()
+    return sha256_of(path)  # releases the GIL: hashing runs beside the event loop
 
 
 def _missing(member: Member, target: str) -> ChainError:
@@ -250,21 +249,46 @@ async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
 
 def _convert(newest: Path, out: Path, out_format: str) -> None:
     # -W: out-of-order writes; the output is a fresh file nobody reads until it is complete.
-    run_qemu_img(["convert", "-W", "-O", out_format, str(newest), str(out)], timeout=LONG_TIMEOUT)
+    # -t none: write it past the page cache. The restore fsyncs it before use anyway, and the
+    # CPU that filling the cache would take is what the hashes running beside it need.
+    cache = ["-t", "none"] if direct_io_supported(out.parent) else []
+    run_qemu_img(
+        ["convert", "-W", *cache, "-O", out_format, str(newest), str(out)], timeout=LONG_TIMEOUT
+    )
+
+
+def direct_io_supported(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (not all filesystems can)."""
+    flags = getattr(os, "O_TMPFILE", 0) | getattr(os, "O_DIRECT", 0)
+    if not (hasattr(os, "O_TMPFILE") and hasattr(os, "O_DIRECT")):
+        return False
+    try:
+        fd = os.open(directory, flags | os.O_WRONLY, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _check_backing(plan: ChainPlan, work_dir: Path) -> None:
     """Each fetched incremental must name its parent's file, or convert would read elsewhere."""
-    for member in plan.members:
-        for target in plan.disks:
-            info = virt.image_info(local_path(work_dir, member.files[target].object_key))
-            backing = info.get("backing-filename")
-            expected = f"../{member.parent_id}/{target}.qcow2" if member.parent_id else None
-            if backing != expected:
-                raise ChainError(
-                    f"{member.label(target)} has backing file {backing!r}, expected {expected!r}",
-                    member.id,
-                )
+    files = [(member, target) for member in plan.members for target in plan.disks]
+
+    def info(item: tuple[Member, str]) -> dict[str, Any]:
+        member, target = item
+        return virt.image_info(local_path(work_dir, member.files[target].object_key))
+
+    # One qemu-img process per file; run side by side, they cost one process's start-up.
+    with ThreadPoolExecutor(min(8, len(files))) as pool:
+        infos = list(pool.map(info, files))
+    for (member, target), image in zip(files, infos, strict=True):
+        backing = image.get("backing-filename")
+        expected = f"../{member.parent_id}/{target}.qcow2" if member.parent_id else None
+        if backing != expected:
+            raise ChainError(
+                f"{member.label(target)} has backing file {backing!r}, expected {expected!r}",
+                member.id,
+            )
 
 
 async def rebuild(

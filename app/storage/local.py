@@ -7,7 +7,6 @@ import os
 import stat
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
-from io import RawIOBase
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,7 @@ from app.storage.base import (
     validate_prefix,
 )
 from app.storage.files import iter_file, translate_os_error, write_stream_to_file
-from app.storage.pipeline import fsync_while
-
-ADOPT_READ = 8 * 1024 * 1024
+from app.storage.pipeline import fsync_while, hash_file_into
 
 
 class LocalDriver:
@@ -161,7 +158,7 @@ def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
     counter = Sha256Counter()
     with source.open("rb", buffering=0) as f:
         # The writeback of the freshly written scratch file runs while we hash it.
-        fsync_while(f.fileno(), lambda: _hash_into(f, counter))
+        fsync_while(f.fileno(), lambda: hash_file_into(f, counter))
     os.replace(source, target)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
@@ -169,13 +166,6 @@ def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
     finally:
         os.close(dir_fd)
     return counter.result()
-
-
-def _hash_into(f: RawIOBase, counter: Sha256Counter) -> None:
-    buf = bytearray(ADOPT_READ)
-    view = memoryview(buf)
-    while n := f.readinto(buf):
-        counter.update(view[:n])
 
 
 def _walk(root: Path, prefix: str) -> list[ObjectInfo]:

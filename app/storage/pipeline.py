@@ -174,3 +174,26 @@ def fsync_while(fd: int, work: Callable[[], T]) -> T:
         if synced_exc is not None:
             raise synced_exc
     return result
+
+
+HASH_READ = 4 * 1024 * 1024
+
+
+def hash_file_into(f: RawIOBase, counter: Sha256Counter) -> None:
+    """Hash a whole file through one reused buffer.
+
+    ``read()`` would allocate a fresh chunk each time; on these VMs fresh memory can cost as
+    much as the hash itself. (Hashing from an mmap of the file was slower still, and counts
+    the whole file in the process's RSS.)
+    """
+    buf = bytearray(HASH_READ)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        counter.update(view[:n])
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    counter = Sha256Counter()
+    with open(path, "rb", buffering=0) as f:
+        hash_file_into(f, counter)
+    return counter.result().sha256
