@@ -9,7 +9,7 @@ from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple
 from zoneinfo import available_timezones
 
 from fastapi import Depends, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer, field_validator
 from sqlalchemy import Select, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,9 +22,30 @@ class Schema(BaseModel):
 
 
 class RequestBody(BaseModel):
-    """Request bodies refuse unknown fields: a typo is a 422, not a silently ignored value."""
+    """Request bodies refuse unknown fields: a typo is a 422, not a silently ignored value.
+
+    Text never holds NUL characters: PostgreSQL cannot store them, and without this check the
+    request would fail at the database, unable to say which field was wrong.
+    """
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        if _has_nul(value):
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class Page(BaseModel, Generic[T]):

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from app.schemas import RequestBody, Schema
 
@@ -25,6 +25,16 @@ class ApiTokenCreate(RequestBody):
     expires_at: datetime | None = Field(
         default=None, description="When the token stops working (UTC). Omit for no expiry."
     )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _representable(cls, value: datetime | None) -> datetime | None:
+        if value is None or value.tzinfo is None:
+            return value
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must be before the year 10000 (UTC)") from None
 
 
 class ApiTokenRead(Schema):

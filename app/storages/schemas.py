@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from app.schemas import RequestBody, Schema
 
@@ -38,8 +38,8 @@ _HOST_KEY = re.compile(
 )
 
 
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Config(RequestBody):
+    pass
 
 
 class LocalConfig(_Config):

@@ -10,30 +10,39 @@ from tests.api.helpers import admin_with_headers, assert_problem, user_with_head
 
 
 @pytest.mark.parametrize(
-    ("method", "url", "body"),
+    ("method", "url", "body", "field"),
     [
-        ("POST", "/auth/login", {"email": "a\x00b@example.com", "password": "x"}),
-        ("POST", "/tokens", {"name": "a\x00b"}),
-        ("PATCH", "/me", {"name": "a\x00b"}),
+        ("POST", "/auth/login", {"email": "a\x00b@example.com", "password": "x"}, "email"),
+        ("POST", "/tokens", {"name": "a\x00b"}, "name"),
+        ("PATCH", "/me", {"name": "a\x00b"}, "name"),
         (
             "POST",
             "/backup-policies",
             {"name": "a\x00", "schedule": {"frequency": "daily", "hour": 1}},
+            "name",
         ),
-        ("POST", "/locations", {"name": "a\x00b"}),
+        ("POST", "/locations", {"name": "a\x00b"}, "name"),
         (
             "POST",
             "/backup-storages",
             {"name": "s", "kind": "nfs", "config": {"path": "/a", "server": "x\x00"}},
+            "config.server",
         ),
     ],
 )
-async def test_nul_characters_in_text_are_422_not_500(
-    client: httpx.AsyncClient, session: AsyncSession, method: str, url: str, body: dict[str, object]
+async def test_nul_characters_in_text_are_422_naming_the_field(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    method: str,
+    url: str,
+    body: dict[str, object],
+    field: str,
 ) -> None:
     _, headers = await admin_with_headers(session)
     response = await client.request(method, url, json=body, headers=headers)
-    assert_problem(response, 422)
+    problem = assert_problem(response, 422)
+    assert [e["field"] for e in problem["errors"]] == [field], problem
+    assert "NUL" in problem["errors"][0]["message"]
 
 
 async def test_token_expiry_beyond_the_database_range_is_422(
@@ -45,7 +54,7 @@ async def test_token_expiry_beyond_the_database_range_is_422(
         json={"name": "forever", "expires_at": "9999-12-31T23:59:59-12:00"},
         headers=headers,
     )
-    assert_problem(response, 422)
+    assert_problem(response, 422, field="expires_at")
 
 
 @pytest.mark.parametrize("content", [b"\xbd[\xc3", b"{not json", b""])
