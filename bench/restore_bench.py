@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from app.storage.files import fsync_path  # noqa: E402
+
 MiB = 1024 * 1024
 
 
@@ -127,16 +129,8 @@ async def _restore_once(catalog: dict, work: Path, out: Path) -> tuple[float, fl
         await driver.close()
         shutil.rmtree(work, ignore_errors=True)  # the restore job removes its work dir too
     rebuilt = time.perf_counter() - t0
-    _fsync(out)  # as the restore job does before it puts the image in place
+    fsync_path(out)  # as the restore job does before it puts the image in place
     return rebuilt, time.perf_counter() - t0
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def child(catalog_path: Path, work: Path, out: Path) -> int:
@@ -207,7 +201,7 @@ def main() -> int:
                 ["qemu-img", "convert", "-O", "qcow2", str(newest), str(ref)], check=True
             )
             convert_times.append(time.perf_counter() - t0)
-            _fsync(ref)
+            fsync_path(ref)
             durable_convert.append(time.perf_counter() - t0)
             same = subprocess.run(["qemu-img", "compare", str(out), str(ref)], check=False)
             assert same.returncode == 0, "restored image differs from the reference"

@@ -146,6 +146,15 @@ def _flush_and_sync(f: BufferedWriter) -> None:
     os.fsync(f.fileno())
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     # The rename is only durable once the directory entry is on disk.
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -27,6 +27,7 @@ from app.backups.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, 
 from app.backups.storage_access import open_driver
 from app.models import Backup, Hypervisor, Instance, Restore
 from app.storage.base import StorageError
+from app.storage.files import fsync_path
 from worker.context import WorkerContext
 from worker.tasks.backup import describe as describe_backup_error
 from worker.tasks.heartbeat import keep_alive
@@ -228,17 +229,9 @@ def _replace(placement: Placement) -> None:
     st = placement.final.stat()
     os.chown(placement.partial, st.st_uid, st.st_gid)
     os.chmod(placement.partial, st.st_mode & 0o7777)
-    _fsync(placement.partial)
+    fsync_path(placement.partial)
     os.replace(placement.partial, placement.final)
-    _fsync(placement.final.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(placement.final.parent)
 
 
 async def _execute(ctx: WorkerContext, work: Work) -> str:
@@ -272,7 +265,7 @@ async def _execute(ctx: WorkerContext, work: Work) -> str:
             if in_place:
                 await asyncio.to_thread(_replace, placement)
             else:
-                await asyncio.to_thread(_fsync, placement.partial)
+                await asyncio.to_thread(fsync_path, placement.partial)
                 await asyncio.to_thread(os.replace, placement.partial, placement.final)
     finally:
         await driver.close()
