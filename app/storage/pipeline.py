@@ -76,21 +76,27 @@ class _Writer:
         if self.direct:
             # O_DIRECT wants block-aligned lengths: the aligned part goes direct, and a tail
             # (only ever at the end of the file) through the cache.
-            aligned = len(view) - len(view) % _ALIGN
-            try:
-                self._write_all(view[:aligned])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._stop_direct()  # accepted at open, refused at write: write buffered
-            else:
-                view = view[aligned:]
-                if view:
-                    self._stop_direct()
+            done = self._write_direct(view[: len(view) - len(view) % _ALIGN])
+            view = view[done:]
+            if view:
+                self._stop_direct()
         self._write_all(view)
         if not self.direct and self.written - self.flushed >= WRITEBACK_EVERY:
             start_writeback(self.fd, self.flushed, self.written - self.flushed)
             self.flushed = self.written
+
+    def _write_direct(self, view: memoryview) -> int:
+        """Write what the filesystem takes directly; stops (and says how far it got) at the
+        first write it refuses with EINVAL, so the rest goes through the cache, never twice."""
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        self.written += done
+        return done
 
     def _write_all(self, view: memoryview) -> None:
         while view:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import subprocess
 import sys
@@ -113,6 +114,24 @@ def test_the_pipeline_copies_direct_or_buffered_with_an_unaligned_tail(
 
     assert (result.size, result.sha256) == (len(data), sha256(data))
     assert (tmp_path / "dst").read_bytes() == data
+
+
+def test_a_direct_write_the_kernel_refuses_is_written_through_the_cache_once(
+    tmp_path: Path,
+) -> None:
+    # A buffer that does not start on a block boundary: the kernel refuses it with EINVAL.
+    block = mmap.mmap(-1, 4 * 4096)
+    data = payload(3 * 4096 + 5, seed=44)
+    block[1 : 1 + len(data)] = data
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = pipeline._Writer(fd, direct=True)
+        writer.write(memoryview(block)[1 : 1 + len(data)])
+        assert not writer.direct
+    finally:
+        os.close(fd)
+
+    assert (tmp_path / "f").read_bytes() == data
 
 
 def test_local_storage_writes_past_the_page_cache_where_the_filesystem_allows(
