@@ -126,7 +126,7 @@ async def _atomic_write(
         if isinstance(exc, OSError):
             raise translate_os_error(exc, f"writing {target}") from exc
         raise
-    await asyncio.to_thread(_fsync_dir, target.parent)
+    await asyncio.to_thread(fsync_path, target.parent)  # the rename is durable only then
     return result
 
 
@@ -149,15 +149,6 @@ def _flush_and_sync(f: BufferedWriter) -> None:
 def fsync_path(path: str | os.PathLike[str]) -> None:
     """Flush a file (or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

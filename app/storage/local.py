@@ -24,7 +24,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import iter_file, translate_os_error, write_stream_to_file
+from app.storage.files import fsync_path, iter_file, translate_os_error, write_stream_to_file
 from app.storage.pipeline import fsync_while, hash_file_into
 
 
@@ -160,11 +160,7 @@ def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
         # The writeback of the freshly written scratch file runs while we hash it.
         fsync_while(f.fileno(), lambda: hash_file_into(f, counter))
     os.replace(source, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(target.parent)
     return counter.result()
 
 
