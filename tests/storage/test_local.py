@@ -146,6 +146,14 @@ def test_local_storage_writes_past_the_page_cache_where_the_filesystem_allows(
     assert LocalDriver.direct_io and not NfsDriver.direct_io
 
 
+@pytest.mark.parametrize("size", [0, 3, pipeline.HASH_READ * 2 + 123])
+def test_sha256_of_a_file_matches_hashing_its_bytes(tmp_path: Path, size: int) -> None:
+    data = payload(size, seed=45)
+    (tmp_path / "f").write_bytes(data)
+
+    assert pipeline.sha256_of(tmp_path / "f") == sha256(data)
+
+
 def test_the_pipeline_reports_a_failed_write_instead_of_hanging(tmp_path: Path) -> None:
     (tmp_path / "src").write_bytes(payload(3 * pipeline.CHUNK))
     (tmp_path / "dst").write_bytes(b"")
