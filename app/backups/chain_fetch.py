@@ -168,10 +168,6 @@ async def _download(driver: BackupStorageDriver, key: str, path: Path, done: Pro
     return size
 
 
-def _sha256_of(path: Path) -> str:
-    return sha256_of(path)  # releases the GIL: hashing runs beside the event loop
-
-
 def _missing(member: Member, target: str) -> ChainError:
     return ChainError(f"{member.label(target)} is missing from storage", member.id)
 
@@ -238,7 +234,8 @@ async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
 
     async def one(member: Member, target: str, f: BackupFile) -> str | None:
         async with limit:
-            digest = await asyncio.to_thread(_sha256_of, local_path(work_dir, f.object_key))
+            # sha256_of releases the GIL: hashing runs beside the event loop.
+            digest = await asyncio.to_thread(sha256_of, local_path(work_dir, f.object_key))
         return None if digest == f.sha256 else member.label(target)
 
     results = await asyncio.gather(*(one(m, t, f) for m, t, f in jobs))
