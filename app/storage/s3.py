@@ -7,7 +7,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import aioboto3
 from aiobotocore.config import AioConfig
@@ -29,6 +30,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
+from app.storage.files import FileChunks
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -131,21 +133,53 @@ class S3Driver:
         s3_key = self._key(key)
         client = await self._s3()
         counter = Sha256Counter()
-        parts = self._parts(chunks, counter)
-        first = await anext(parts, bytearray())
-        second = await anext(parts, None) if len(first) >= self._part_size else None
+        parts: AsyncIterator[bytes | bytearray]
+        if isinstance(chunks, FileChunks) and not chunks.started:
+            parts = self._file_parts(chunks.path, counter)
+        else:
+            parts = self._parts(chunks, counter)
+        first: bytes | bytearray = await anext(parts, bytearray())
+        second: bytes | bytearray | None = None
+        if len(first) >= self._part_size:
+            second = await anext(parts, None)
         if second is None:
             # Whole object fits one part: a plain PUT is atomic on its own.
             await self._call(
                 "upload",
                 key,
-                client.put_object(Bucket=self.bucket, Key=s3_key, Body=cast(bytes, first)),
+                client.put_object(Bucket=self.bucket, Key=s3_key, Body=bytes(first)),
             )
         else:
-            head = [first, second]
+            head: list[bytes | bytearray] = [first, second]
             del first, second  # only the chain may hold them, so sent parts can be freed
             await self._multipart(client, key, s3_key, _chain(head, parts))
         return counter.result()
+
+    async def _file_parts(self, path: Path, counter: Sha256Counter) -> AsyncIterator[bytes]:
+        """Parts read straight from a local file: one buffer per part, hashed as read.
+
+        Each part is a single read into the very object that is sent, so the sha256 covers
+        exactly the bytes uploaded and no part is ever copied on its way to the socket.
+        """
+
+        def read(f: BinaryIO, size: int) -> bytes:
+            data = f.read(size)
+            counter.update(data)
+            return data
+
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            number = 0
+            while True:
+                number += 1
+                part = await asyncio.to_thread(read, f, self._part_size_for(number))
+                if not part and number > 1:
+                    return
+                yield part
+                if not part:
+                    return
+        finally:
+            await asyncio.to_thread(f.close)
 
     async def _parts(
         self, chunks: AsyncIterator[bytes], counter: Sha256Counter
@@ -172,7 +206,7 @@ class S3Driver:
         return self._part_size << ((number - 1) // PART_GROWTH_EVERY)
 
     async def _multipart(
-        self, client: S3Client, key: str, s3_key: str, parts: AsyncIterator[bytearray]
+        self, client: S3Client, key: str, s3_key: str, parts: AsyncIterator[bytes | bytearray]
     ) -> None:
         created = await self._call(
             "start of multipart upload",
@@ -183,11 +217,14 @@ class S3Driver:
         etags: dict[int, str] = {}
         tasks: set[asyncio.Task[None]] = set()
 
-        async def send(number: int, part: bytearray) -> None:
+        async def send(number: int, part: bytes | bytearray) -> None:
             # aiohttp copies a bytearray body again when slicing it; bytes it sends as is.
             # clear() frees the part's buffer now, whoever else still holds the object.
-            body = bytes(part)
-            part.clear()
+            if isinstance(part, bytearray):
+                body = bytes(part)
+                part.clear()
+            else:
+                body = part
             resp = await self._call(
                 f"upload of part {number}",
                 key,
@@ -306,7 +343,9 @@ class S3Driver:
             self._stack = AsyncExitStack()
 
 
-async def _chain(head: list[bytearray], rest: AsyncIterator[bytearray]) -> AsyncIterator[bytearray]:
+async def _chain(
+    head: list[bytes | bytearray], rest: AsyncIterator[bytes | bytearray]
+) -> AsyncIterator[bytes | bytearray]:
     while head:
         yield head.pop(0)
     async for part in rest:
