@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from io import BufferedWriter
 from pathlib import Path
+from typing import BinaryIO
 
 from app.storage.base import (
     CHUNK_SIZE,
@@ -70,6 +71,41 @@ async def _read_ahead(path: Path, chunk_size: int) -> AsyncGenerator[bytes, None
     finally:
         if pending is not None and not pending.done():
             # The thread cannot be interrupted; wait so the file is not closed under it.
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(pending)
+        await asyncio.to_thread(f.close)
+
+
+async def read_hashed(
+    path: Path, counter: Sha256Counter, block_size: Callable[[int], int]
+) -> AsyncGenerator[bytes, None]:
+    """A local file as blocks for a network upload: block ``n`` (from 1) is ``block_size(n)``
+    bytes, read in one call and hashed in the thread that read it, so the sha256 covers exactly
+    the objects sent and nothing is copied on the way. The next block is read while the
+    consumer sends this one; an empty file is one empty block.
+    """
+
+    def read(f: BinaryIO, size: int) -> bytes:
+        data = f.read(size)
+        counter.update(data)
+        return data
+
+    f = await asyncio.to_thread(open, path, "rb")
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        number = 1
+        pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
+        while pending is not None:
+            block = await pending
+            pending = None
+            if block:
+                number += 1
+                pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
+            elif number > 1:
+                return
+            yield block
+    finally:
+        if pending is not None and not pending.done():
             with contextlib.suppress(BaseException):
                 await asyncio.shield(pending)
         await asyncio.to_thread(f.close)

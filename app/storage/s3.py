@@ -7,8 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioboto3
 from aiobotocore.config import AioConfig
@@ -30,7 +29,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import FileChunks
+from app.storage.files import FileChunks, read_hashed
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -135,7 +134,8 @@ class S3Driver:
         counter = Sha256Counter()
         parts: AsyncIterator[bytes | bytearray]
         if isinstance(chunks, FileChunks) and not chunks.started:
-            parts = self._file_parts(chunks.path, counter)
+            # One read per part into the very object sent: no joining, no copy.
+            parts = read_hashed(chunks.path, counter, self._part_size_for)
         else:
             parts = self._parts(chunks, counter)
         first: bytes | bytearray = await anext(parts, bytearray())
@@ -154,32 +154,6 @@ class S3Driver:
             del first, second  # only the chain may hold them, so sent parts can be freed
             await self._multipart(client, key, s3_key, _chain(head, parts))
         return counter.result()
-
-    async def _file_parts(self, path: Path, counter: Sha256Counter) -> AsyncIterator[bytes]:
-        """Parts read straight from a local file: one buffer per part, hashed as read.
-
-        Each part is a single read into the very object that is sent, so the sha256 covers
-        exactly the bytes uploaded and no part is ever copied on its way to the socket.
-        """
-
-        def read(f: BinaryIO, size: int) -> bytes:
-            data = f.read(size)
-            counter.update(data)
-            return data
-
-        f = await asyncio.to_thread(open, path, "rb")
-        try:
-            number = 0
-            while True:
-                number += 1
-                part = await asyncio.to_thread(read, f, self._part_size_for(number))
-                if not part and number > 1:
-                    return
-                yield part
-                if not part:
-                    return
-        finally:
-            await asyncio.to_thread(f.close)
 
     async def _parts(
         self, chunks: AsyncIterator[bytes], counter: Sha256Counter

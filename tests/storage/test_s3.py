@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from app.storage import ObjectNotFound, StorageUnreachable, get_driver, iter_file
+from app.storage import ObjectNotFound, StorageUnreachable, get_driver
 from tests.storage import servers
 from tests.storage.payloads import MiB, calling, chunked, failing, payload, read_all, sha256
 from tests.storage.servers import Server
@@ -35,41 +34,6 @@ async def test_large_object_with_default_part_size_round_trips_on_rclone(
     stored = rclone_server.data_dir / "backups" / key
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == sha256(data)
     assert sha256(await read_all(driver, key)) == sha256(data)
-    await driver.close()
-
-
-@pytest.mark.parametrize("size", [0, 3 * MiB, 12 * MiB + 3])
-async def test_a_local_file_uploads_in_parts_read_straight_from_it(
-    rclone_server: Server, uid: str, tmp_path: Path, size: int
-) -> None:
-    # Empty, one part (a plain PUT) and three 5 MiB parts with a short last one.
-    data = payload(size, seed=11)
-    (tmp_path / "src").write_bytes(data)
-    driver = get_driver("s3", rclone_server.config)
-    key = f"{uid}/c/b/vda.qcow2"
-
-    result = await driver.put(key, iter_file(tmp_path / "src"))
-
-    assert (result.size, result.sha256) == (size, sha256(data))
-    stored = rclone_server.data_dir / "backups" / key
-    assert stored.read_bytes() == data
-    await driver.close()
-
-
-async def test_a_file_stream_already_read_from_uploads_only_the_rest(
-    rclone_server: Server, uid: str, tmp_path: Path
-) -> None:
-    data = payload(11 * MiB, seed=12)
-    (tmp_path / "src").write_bytes(data)
-    stream = iter_file(tmp_path / "src", MiB)
-    assert await anext(stream) == data[:MiB]
-    driver = get_driver("s3", rclone_server.config)
-    key = f"{uid}/c/b/vda.qcow2"
-
-    result = await driver.put(key, stream)
-
-    assert (result.size, result.sha256) == (10 * MiB, sha256(data[MiB:]))
-    assert sha256(await read_all(driver, key)) == sha256(data[MiB:])
     await driver.close()
 
 
