@@ -44,7 +44,8 @@ class FileChunks:
 
     async def __anext__(self) -> bytes:
         if self._stream is None:
-            self._stream = _read_ahead(self.path, self.chunk_size)
+            size = self.chunk_size
+            self._stream = read_blocks(self.path, lambda _: size)
         return await anext(self._stream)
 
     async def aclose(self) -> None:
@@ -56,38 +57,20 @@ def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> Fil
     return FileChunks(path, chunk_size)
 
 
-async def _read_ahead(path: Path, chunk_size: int) -> AsyncGenerator[bytes, None]:
-    f = await asyncio.to_thread(open, path, "rb")
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        # One read ahead overlaps disk reads with network writes; memory stays at two chunks.
-        pending = asyncio.ensure_future(asyncio.to_thread(f.read, chunk_size))
-        while True:
-            chunk = await pending
-            if not chunk:
-                return
-            pending = asyncio.ensure_future(asyncio.to_thread(f.read, chunk_size))
-            yield chunk
-    finally:
-        if pending is not None and not pending.done():
-            # The thread cannot be interrupted; wait so the file is not closed under it.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(pending)
-        await asyncio.to_thread(f.close)
-
-
-async def read_hashed(
-    path: Path, counter: Sha256Counter, block_size: Callable[[int], int]
+async def read_blocks(
+    path: Path, block_size: Callable[[int], int], counter: Sha256Counter | None = None
 ) -> AsyncGenerator[bytes, None]:
-    """A local file as blocks for a network upload: block ``n`` (from 1) is ``block_size(n)``
-    bytes, read in one call and hashed in the thread that read it, so the sha256 covers exactly
-    the objects sent and nothing is copied on the way. The next block is read while the
-    consumer sends this one; an empty file is one empty block.
+    """A local file as blocks: block ``n`` (from 1) is ``block_size(n)`` bytes, read in one call.
+
+    The next block is read while the consumer handles this one (memory: two blocks). With a
+    ``counter`` each block is hashed in the thread that read it, so the sha256 covers exactly
+    the objects handed out and nothing is copied on the way. An empty file has no blocks.
     """
 
     def read(f: BinaryIO, size: int) -> bytes:
         data = f.read(size)
-        counter.update(data)
+        if counter is not None:
+            counter.update(data)
         return data
 
     f = await asyncio.to_thread(open, path, "rb")
@@ -95,17 +78,13 @@ async def read_hashed(
     try:
         number = 1
         pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
-        while pending is not None:
-            block = await pending
-            pending = None
-            if block:
-                number += 1
-                pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
-            elif number > 1:
-                return
+        while block := await pending:
+            number += 1
+            pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
             yield block
     finally:
         if pending is not None and not pending.done():
+            # The thread cannot be interrupted; wait so the file is not closed under it.
             with contextlib.suppress(BaseException):
                 await asyncio.shield(pending)
         await asyncio.to_thread(f.close)

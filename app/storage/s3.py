@@ -29,7 +29,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import FileChunks, read_hashed
+from app.storage.files import FileChunks, read_blocks
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -135,7 +135,7 @@ class S3Driver:
         parts: AsyncIterator[bytes | bytearray]
         if isinstance(chunks, FileChunks) and not chunks.started:
             # One read per part into the very object sent: no joining, no copy.
-            parts = read_hashed(chunks.path, counter, self._part_size_for)
+            parts = read_blocks(chunks.path, self._part_size_for, counter)
         else:
             parts = self._parts(chunks, counter)
         first: bytes | bytearray = await anext(parts, bytearray())

@@ -29,7 +29,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import FileChunks, read_hashed
+from app.storage.files import FileChunks, read_blocks
 
 # AES-GCM is 1.05-1.6x faster than chacha20 where AES-NI exists; the rest keep old servers working.
 WRITE_BLOCK = 8 * 1024 * 1024
@@ -162,7 +162,7 @@ class SftpDriver:
                 if isinstance(chunks, FileChunks) and not chunks.started:
                     # Big writes keep many SFTP requests in flight; the next block is read
                     # and hashed meanwhile.
-                    async for block in read_hashed(chunks.path, counter, _write_block):
+                    async for block in read_blocks(chunks.path, _write_block, counter):
                         await f.write(block)
                 else:
                     async for chunk in chunks:
