@@ -19,6 +19,7 @@ from app.models import (
     Instance,
     InstanceDisk,
     Location,
+    Restore,
     User,
 )
 from app.policies.service import plan_next_run
@@ -168,3 +169,16 @@ async def create_backup(session: AsyncSession, instance: Instance, **overrides: 
     }
     values.update(overrides)
     return await _save(session, Backup(**values))
+
+
+async def create_restore(session: AsyncSession, instance: Instance, **overrides: Any) -> Restore:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "instance_id": instance.id,
+        "target": "new_disk",
+        "status": "completed",
+        "result": {},
+        "created_at": datetime.now(UTC),
+    }
+    values.update(overrides)
+    return await _save(session, Restore(**values))

@@ -17,9 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth.deps import admin_user, current_user
 from app.config import get_settings
 from app.main import API_PREFIX, create_app
-from app.models import Restore
 from tests.api.helpers import admin_with_headers, assert_problem, user_with_headers
-from tests.factories import create_backup, create_instance, create_policy
+from tests.factories import create_backup, create_instance, create_policy, create_restore
 
 # Endpoints anyone may call.
 PUBLIC = {("POST", "/auth/login"), ("GET", "/health")}
@@ -153,15 +152,7 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         instance = await create_instance(session, other, backup_policy_id=policy.id)
         backup = await create_backup(session, instance)
         token = (await client.post("/tokens", json={"name": "t"}, headers=other_headers)).json()
-        restore = Restore(
-            id=uuid.uuid4(),
-            backup_id=backup.id,
-            instance_id=instance.id,
-            target="new_disk",
-            status="completed",
-        )
-        session.add(restore)
-        await session.flush()
+        restore = await create_restore(session, instance, backup_id=backup.id)
         values = {
             "policy_id": policy.id,
             "instance_id": instance.id,
@@ -199,15 +190,7 @@ async def test_admin_reads_other_users_rows(
     policy = await create_policy(session, other)
     instance = await create_instance(session, other, backup_policy_id=policy.id)
     backup = await create_backup(session, instance)
-    restore = Restore(
-        id=uuid.uuid4(),
-        backup_id=backup.id,
-        instance_id=instance.id,
-        target="new_disk",
-        status="completed",
-    )
-    session.add(restore)
-    await session.flush()
+    restore = await create_restore(session, instance, backup_id=backup.id)
     values = {
         "policy_id": policy.id,
         "instance_id": instance.id,

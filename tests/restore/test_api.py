@@ -13,10 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.backups.chains import chain_states
 from app.backups.lifecycle import reap_stale_restores
 from app.backups.verification import due_for_verification
-from app.models import Backup, Instance, Restore, User
+from app.models import Backup, Instance, User
 from app.queues import hypervisor_queue
 from tests.api.helpers import admin_with_headers, assert_page, assert_problem, user_with_headers
-from tests.factories import create_backup, create_chain, create_instance, create_policy
+from tests.factories import (
+    create_backup,
+    create_chain,
+    create_instance,
+    create_policy,
+    create_restore,
+)
 
 
 async def _queued(redis: ArqRedis, instance: Instance, job_id: str) -> bool:
@@ -239,26 +245,9 @@ async def test_stale_restores_are_reaped(session: AsyncSession) -> None:
     user, _ = await user_with_headers(session)
     instance = await create_instance(session, user)
     now = datetime.now(UTC)
-    lost = Restore(
-        id=uuid.uuid4(),
-        instance_id=instance.id,
-        target="new_disk",
-        status="in_progress",
-        result={},
-        created_at=now - timedelta(hours=1),
-        heartbeat_at=now - timedelta(hours=1),
-    )
-    alive = Restore(
-        id=uuid.uuid4(),
-        instance_id=instance.id,
-        target="new_disk",
-        status="in_progress",
-        result={},
-        created_at=now - timedelta(hours=1),
-        heartbeat_at=now,
-    )
-    session.add_all([lost, alive])
-    await session.flush()
+    started = {"status": "in_progress", "created_at": now - timedelta(hours=1)}
+    lost = await create_restore(session, instance, heartbeat_at=now - timedelta(hours=1), **started)
+    alive = await create_restore(session, instance, heartbeat_at=now, **started)
     reaped = await reap_stale_restores(session, now, timedelta(minutes=15), timedelta(hours=6))
     assert lost.id in reaped and alive.id not in reaped
     await session.refresh(lost)
