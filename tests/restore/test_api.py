@@ -38,14 +38,20 @@ async def _owned(
     return user, headers, instance
 
 
+async def _restore(
+    client: httpx.AsyncClient, backup: Backup, headers: dict[str, str], target: str
+) -> httpx.Response:
+    return await client.post(
+        f"/backups/{backup.id}/restore", json={"target": target}, headers=headers
+    )
+
+
 async def test_new_disk_restore_is_accepted_listed_and_read(
     client: httpx.AsyncClient, session: AsyncSession, arq_redis: ArqRedis
 ) -> None:
     _, headers, instance = await _owned(session)
     backup = await create_backup(session, instance)
-    r = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "new_disk"}, headers=headers
-    )
+    r = await _restore(client, backup, headers, "new_disk")
     assert r.status_code == 202, r.text
     body = r.json()
     assert set(body) == {
@@ -72,9 +78,7 @@ async def test_new_disk_restore_is_accepted_listed_and_read(
     assert page["items"] == [body]
 
     # One restore at a time, and no backup beside it.
-    again = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "new_disk"}, headers=headers
-    )
+    again = await _restore(client, backup, headers, "new_disk")
     assert "A restore of this instance is pending" in assert_problem(again, 409)["detail"]
     now = await client.post(f"/instances/{instance.id}/backups", headers=headers)
     assert "A restore of this instance is pending" in assert_problem(now, 409)["detail"]
@@ -87,16 +91,12 @@ async def test_in_place_needs_a_stopped_instance(
 ) -> None:
     _, headers, instance = await _owned(session)
     backup = await create_backup(session, instance)
-    r = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "in_place"}, headers=headers
-    )
+    r = await _restore(client, backup, headers, "in_place")
     body = assert_problem(r, 409)
     assert body["detail"] == "Instance must be stopped for an in-place restore (status: deployed)"
     instance.status = "stopped"
     await session.flush()
-    r = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "in_place"}, headers=headers
-    )
+    r = await _restore(client, backup, headers, "in_place")
     assert r.status_code == 202, r.text
 
 
@@ -108,15 +108,11 @@ async def test_only_completed_backups_restore_and_never_beside_a_running_backup(
     running = await create_backup(
         session, instance, status="in_progress", scheduled_for=datetime.now(UTC) + timedelta(1)
     )
-    r = await client.post(
-        f"/backups/{running.id}/restore", json={"target": "new_disk"}, headers=headers
-    )
+    r = await _restore(client, running, headers, "new_disk")
     assert "Only completed backups" in assert_problem(r, 409)["detail"]
-    r = await client.post(
-        f"/backups/{done.id}/restore", json={"target": "new_disk"}, headers=headers
-    )
+    r = await _restore(client, done, headers, "new_disk")
     assert "A backup of this instance is in progress" in assert_problem(r, 409)["detail"]
-    r = await client.post(f"/backups/{done.id}/restore", json={"target": "x"}, headers=headers)
+    r = await _restore(client, done, headers, "x")
     assert_problem(r, 422, field="target")
 
 
@@ -126,9 +122,7 @@ async def test_other_users_backups_and_restores_are_404(
     _, headers = await user_with_headers(session)
     _, other_headers, instance = await _owned(session)
     backup = await create_backup(session, instance)
-    mine = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "new_disk"}, headers=other_headers
-    )
+    mine = await _restore(client, backup, other_headers, "new_disk")
     assert mine.status_code == 202
     for method, url, body in [
         ("POST", f"/backups/{backup.id}/restore", {"target": "new_disk"}),
@@ -259,9 +253,7 @@ async def test_backups_cannot_be_deleted_while_a_restore_reads_them(
 ) -> None:
     _, headers, instance = await _owned(session)
     backup = await create_backup(session, instance)
-    r = await client.post(
-        f"/backups/{backup.id}/restore", json={"target": "new_disk"}, headers=headers
-    )
+    r = await _restore(client, backup, headers, "new_disk")
     assert r.status_code == 202, r.text
     response = await client.delete(f"/backups/{backup.id}", headers=headers)
     assert_problem(response, 409)
