@@ -83,7 +83,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 _session = Depends(get_session, scope="function")
 
 
-def get_job_queue(request: Request, _: AsyncSession = _session) -> JobQueue:
+async def get_job_queue(request: Request, _: AsyncSession = _session) -> JobQueue:
     queue: JobQueue = request.state.job_queue
     return queue
 

@@ -60,10 +60,11 @@ class PageParams(BaseModel):
     offset: int
 
 
-def page_params(
+async def page_params(
     limit: Annotated[int, Query(ge=1, le=200, description="Page size (max 200).")] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000, description="Rows to skip.")] = 0,
 ) -> PageParams:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request.
     return PageParams(limit=limit, offset=offset)
 
 
