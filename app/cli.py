@@ -142,9 +142,17 @@ def _migrate(_: argparse.Namespace) -> None:
     from alembic import command
     from alembic.config import Config
 
-    from app.paths import ALEMBIC_INI
+    from app import paths
 
-    command.upgrade(Config(str(ALEMBIC_INI)), "head")
+    if not paths.ALEMBIC_INI.exists():
+        # An installed package ships no migrations: they sit beside alembic.ini (the image's
+        # working directory, or a checkout).
+        sys.exit(
+            f"ibp migrate: no alembic.ini beside the package ({paths.ROOT}) nor in the current "
+            f"directory ({Path.cwd()}). Run it from the directory holding alembic.ini and "
+            "migrations/ (/srv/ibp in the image)."
+        )
+    command.upgrade(Config(str(paths.ALEMBIC_INI)), "head")
 
 
 def _settings() -> Settings:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import paths
+from app.cli import main
 from app.models import BackupStorage, Hypervisor
 
 
@@ -51,3 +54,16 @@ def test_worker_for_an_unknown_hypervisor_says_what_to_do() -> None:
 def test_create_token_refuses_an_unknown_email() -> None:
     done = _ibp("create-token", "--email", "nobody@example.com")
     assert done.returncode != 0 and "No user with email" in done.stderr
+
+
+def test_migrate_outside_a_checkout_says_where_to_run_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # As an installed package run from elsewhere than the image's working directory.
+    monkeypatch.setattr(paths, "ALEMBIC_INI", tmp_path / "alembic.ini")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["migrate"])
+
+    assert "no alembic.ini" in str(exc.value) and str(tmp_path) in str(exc.value)
