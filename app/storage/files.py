@@ -57,6 +57,14 @@ def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> Fil
     return FileChunks(path, chunk_size)
 
 
+def unread_file(chunks: AsyncIterator[bytes]) -> Path | None:
+    """The local file behind a stream nobody has read from yet, which a driver may then read
+    its own way; None for any other stream."""
+    if isinstance(chunks, FileChunks) and not chunks.started:
+        return chunks.path
+    return None
+
+
 async def read_blocks(
     path: Path, block_size: Callable[[int], int], counter: Sha256Counter | None = None
 ) -> AsyncGenerator[bytes, None]:
@@ -99,8 +107,7 @@ async def write_stream_to_file(
     A stream that is an unread local file (`iter_file`) is copied by `copy_and_hash` instead,
     bypassing the page cache when ``direct``.
     """
-    if isinstance(chunks, FileChunks) and not chunks.started:
-        source = chunks.path
+    if (source := unread_file(chunks)) is not None:
         return await _atomic_write(Path(path), lambda f: _copy_file_into(source, f, direct))
 
     async def fill(f: BufferedWriter) -> PutResult:

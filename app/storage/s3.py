@@ -29,7 +29,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import FileChunks, read_blocks
+from app.storage.files import read_blocks, unread_file
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -133,9 +133,9 @@ class S3Driver:
         client = await self._s3()
         counter = Sha256Counter()
         parts: AsyncIterator[bytes | bytearray]
-        if isinstance(chunks, FileChunks) and not chunks.started:
+        if (source := unread_file(chunks)) is not None:
             # One read per part into the very object sent: no joining, no copy.
-            parts = read_blocks(chunks.path, self._part_size_for, counter)
+            parts = read_blocks(source, self._part_size_for, counter)
         else:
             parts = self._parts(chunks, counter)
         first: bytes | bytearray = await anext(parts, bytearray())

@@ -29,16 +29,12 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import FileChunks, read_blocks
+from app.storage.files import read_blocks, unread_file
 
-# AES-GCM is 1.05-1.6x faster than chacha20 where AES-NI exists; the rest keep old servers working.
+# Writes of a local file: big enough to keep many SFTP requests in flight.
 WRITE_BLOCK = 8 * 1024 * 1024
 
-
-def _write_block(_: int) -> int:
-    return WRITE_BLOCK
-
-
+# AES-GCM is 1.05-1.6x faster than chacha20 where AES-NI exists; the rest keep old servers working.
 _CIPHERS = [
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
@@ -159,10 +155,9 @@ class SftpDriver:
         try:
             await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
             async with sftp.open(tmp, "wb", encoding=None) as f:
-                if isinstance(chunks, FileChunks) and not chunks.started:
-                    # Big writes keep many SFTP requests in flight; the next block is read
-                    # and hashed meanwhile.
-                    async for block in read_blocks(chunks.path, _write_block, counter):
+                if (source := unread_file(chunks)) is not None:
+                    # The next block is read and hashed while this one is on the wire.
+                    async for block in read_blocks(source, lambda _: WRITE_BLOCK, counter):
                         await f.write(block)
                 else:
                     async for chunk in chunks:
