@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import asyncpg
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import (
@@ -90,6 +91,19 @@ async def get_job_queue(request: Request, _: AsyncSession = _session) -> JobQueu
 
 SessionDep = Annotated[AsyncSession, _session]
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under a session, for hot reads that run their own prepared SQL.
+
+    It is the session's own connection (so tests' rolled-back transactions are seen), but
+    statements sent on it bypass SQLAlchemy: use it for reads, and single-row writes that may
+    commit on their own.
+    """
+    conn = await session.connection()
+    raw = await conn.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
 
 
 async def flush_or_conflict(session: AsyncSession, message: str) -> None:

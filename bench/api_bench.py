@@ -65,7 +65,8 @@ async def seed(policies: int, instances: int) -> tuple[str, str]:
     )
     await conn.execute(
         """WITH owners AS (
-             SELECT id, row_number() OVER (ORDER BY email) AS n FROM users WHERE role = 'user')
+             SELECT id, row_number() OVER (ORDER BY length(email), email) AS n FROM users
+                      WHERE role = 'user')
            INSERT INTO backup_policies (id, owner_id, name, frequency, hour, day_of_week,
                max_incremental_chain, retention_count, backup_device, status, next_run_at,
                skipped_runs)

@@ -8,20 +8,31 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import service
-from app.db import SessionDep
+from app.auth.service import Principal
+from app.db import SessionDep, driver_connection
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 
 bearer = HTTPBearer(auto_error=False, description="Session token from login, or an API token.")
 
 
-async def current_user(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> User:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("Missing bearer token")
-    return await service.authenticate(session, credentials.credentials)
+    return credentials.credentials
+
+
+async def current_user(session: SessionDep, credentials: Credentials) -> User:
+    return await service.authenticate(session, _token(credentials))
+
+
+async def current_principal(session: SessionDep, credentials: Credentials) -> Principal:
+    """The caller's id and role only: one prepared statement, no ORM (for hot list pages)."""
+    token = _token(credentials)
+    return await service.authenticate_principal(await driver_connection(session), token)
 
 
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -31,4 +42,5 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 AdminUser = Annotated[User, Depends(admin_user)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,6 +61,25 @@ def _token_row(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking, without loading the user row: for the hottest read endpoints."""
+
+    id: uuid.UUID
+    is_admin: bool
+
+
+def _check_token(revoked_at: datetime | None, expires_at: datetime | None, now: datetime) -> None:
+    if revoked_at is not None:
+        raise Unauthorized("Token has been revoked")
+    if expires_at is not None and expires_at <= now:
+        raise Unauthorized("Token has expired")
+
+
+def _needs_touch(last_used_at: datetime | None, now: datetime) -> bool:
+    return last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION
+
+
 async def authenticate(session: AsyncSession, token: str) -> User:
     row = (
         await session.execute(
@@ -71,15 +92,31 @@ async def authenticate(session: AsyncSession, token: str) -> User:
     if row is None:
         raise Unauthorized("Invalid token")
     api_token, user = row
-    if api_token.revoked_at is not None:
-        raise Unauthorized("Token has been revoked")
-    if api_token.expires_at is not None and api_token.expires_at <= now:
-        raise Unauthorized("Token has expired")
-    if api_token.last_used_at is None or now - api_token.last_used_at > LAST_USED_RESOLUTION:
+    _check_token(api_token.revoked_at, api_token.expires_at, now)
+    if _needs_touch(api_token.last_used_at, now):
         await session.execute(
             update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
         )
     return user
+
+
+_PRINCIPAL_SQL = """
+SELECT t.id AS token_id, t.revoked_at, t.expires_at, t.last_used_at, u.id, u.role
+FROM api_tokens t JOIN users u ON u.id = t.user_id
+WHERE t.token_hash = $1"""
+_TOUCH_SQL = "UPDATE api_tokens SET last_used_at = $2 WHERE id = $1"
+
+
+async def authenticate_principal(conn: asyncpg.Connection, token: str) -> Principal:
+    """The same checks as authenticate(), in one prepared statement on the driver connection."""
+    row = await conn.fetchrow(_PRINCIPAL_SQL, token_digest(token))
+    now = _now()
+    if row is None:
+        raise Unauthorized("Invalid token")
+    _check_token(row["revoked_at"], row["expires_at"], now)
+    if _needs_touch(row["last_used_at"], now):
+        await conn.execute(_TOUCH_SQL, row["token_id"], now)
+    return Principal(id=row["id"], is_admin=row["role"] == "admin")
 
 
 async def create_token(

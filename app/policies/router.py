@@ -5,11 +5,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.auth.deps import CurrentUser
+from app.auth.deps import CurrentPrincipal, CurrentUser
 from app.backups import service as backups
 from app.backups.router import StatusFilter, TypeFilter
 from app.backups.schemas import BackupRead
-from app.db import SessionDep
+from app.db import SessionDep, driver_connection
 from app.errors import problem_responses
 from app.instances.schemas import InstanceBrief
 from app.policies import preview, service
@@ -38,12 +38,13 @@ router = APIRouter(
 )
 async def list_all(
     session: SessionDep,
-    user: CurrentUser,
+    user: CurrentPrincipal,
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[PolicyStatus | None, Query()] = None,
 ) -> Response:
-    body = await service.list_policies_json(session, user, owner_id, status, page)
+    conn = await driver_connection(session)
+    body = await service.list_policies_json(conn, user, owner_id, status, page)
     return Response(body, media_type="application/json")
 
 

@@ -367,6 +367,39 @@ async def test_list_pagination_shape_and_limits(
     )
 
 
+async def test_list_items_are_exactly_the_single_reads(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """The list is built from raw rows; each item must be the read endpoint's JSON, to the byte."""
+    _, admin_headers = await admin_with_headers(session)
+    owner, headers = await user_with_headers(session, timezone="America/New_York")
+    weekly = await create_policy(
+        session, owner, frequency="weekly", hour=15, day_of_week="friday", backup_device="all"
+    )
+    failing = await create_policy(
+        session,
+        owner,
+        status="error",
+        last_error="Storage unreachable: connection refused",
+        last_error_at=datetime(2026, 3, 8, 7, 30, tzinfo=UTC),
+        skipped_runs=2,
+        last_skip_reason="overlap",
+    )
+    for _ in range(2):
+        await create_instance(session, owner, backup_policy_id=weekly.id)
+    for who in (headers, admin_headers):
+        listed = (await client.get("/backup-policies", headers=who)).json()["items"]
+        by_id = {item["id"]: item for item in listed}
+        assert set(by_id) == {str(failing.id), str(weekly.id)}
+        for item in listed:
+            assert set(item) == READ_FIELDS
+            read = await client.get(f"/backup-policies/{item['id']}", headers=who)
+            assert read.json() == item
+    assert by_id[str(weekly.id)]["instance_count"] == 2
+    assert by_id[str(weekly.id)]["schedule_summary"] == "Weekly on Friday at 3:00 PM"
+    assert by_id[str(failing.id)]["last_error_at"] == "2026-03-08T07:30:00Z"
+
+
 async def test_users_see_only_their_policies_and_admins_filter_by_owner(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
