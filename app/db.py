@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import asyncpg
 from arq.connections import ArqRedis
 from fastapi import Depends, Request
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -94,16 +95,42 @@ JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 
 
 async def driver_connection(session: AsyncSession) -> asyncpg.Connection:
-    """The asyncpg connection under a session, for hot reads that run their own prepared SQL.
-
-    It is the session's own connection (so tests' rolled-back transactions are seen), but
-    statements sent on it bypass SQLAlchemy: use it for reads, and single-row writes that may
-    commit on their own.
-    """
+    """The asyncpg connection under a session (statements sent on it bypass SQLAlchemy)."""
     conn = await session.connection()
     raw = await conn.get_raw_connection()
     driver: asyncpg.Connection = raw.driver_connection
     return driver
+
+
+async def build_read_pool(settings: Settings) -> asyncpg.Pool:
+    """Plain asyncpg connections for the hottest reads, beside the SQLAlchemy engine's pool.
+
+    A SQLAlchemy session costs more than the whole list query (checkout, pre-ping, the
+    session's bookkeeping), so endpoints that only read, with their own prepared statements,
+    borrow these instead.
+    """
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        url.render_as_string(hide_password=False), min_size=1, max_size=settings.db_pool_size
+    )
+    return pool
+
+
+async def get_read_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for prepared reads (and single-row writes that commit on their own)."""
+    pool: asyncpg.Pool | None = request.app.state.read_pool
+    if pool is not None:
+        async with pool.acquire() as conn:
+            yield conn
+        return
+    # An app given its sessionmaker (tests, embedding) reads through it, seeing what it sees.
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        yield await driver_connection(session)
+        await session.commit()
+
+
+ReadConnectionDep = Annotated[asyncpg.Connection, Depends(get_read_connection, scope="function")]
 
 
 async def flush_or_conflict(session: AsyncSession, message: str) -> None:

@@ -15,7 +15,7 @@ from fastapi.routing import APIRoute
 from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
 from app.config import Settings, get_settings
-from app.db import build_engine, build_sessionmaker
+from app.db import build_engine, build_read_pool, build_sessionmaker
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
@@ -40,6 +40,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if getattr(app.state, "sessionmaker", None) is None:
         owned_engine = build_engine(settings)
         app.state.sessionmaker = build_sessionmaker(owned_engine)
+        app.state.read_pool = await build_read_pool(settings)
     owned_arq = None
     if getattr(app.state, "arq", None) is None:
         owned_arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
@@ -50,6 +51,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owned_arq is not None:
             await owned_arq.aclose()
         if owned_engine is not None:
+            await app.state.read_pool.close()
+            app.state.read_pool = None
             await owned_engine.dispose()
 
 
@@ -67,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = None
+    app.state.read_pool = None
     app.state.arq = None
     install_error_handlers(app)
     if settings.cors_origins:
