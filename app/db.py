@@ -111,7 +111,7 @@ async def build_read_pool(settings: Settings) -> asyncpg.Pool:
     """
     url = make_url(settings.database_url).set(drivername="postgresql")
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        url.render_as_string(hide_password=False), min_size=1, max_size=settings.db_pool_size
+        url.render_as_string(hide_password=False), min_size=0, max_size=settings.db_pool_size
     )
     return pool
 

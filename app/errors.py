@@ -145,8 +145,50 @@ def _is_bad_data(exc: DBAPIError) -> bool:
     return isinstance(cause, asyncpg.exceptions.DataError)
 
 
-async def _database_error(_: Request, exc: Exception) -> JSONResponse:
+# The database cannot be reached or takes no more connections: nothing the client did wrong.
+_UNREACHABLE = (
+    ConnectionError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+RETRY_AFTER_SECONDS = 5
+
+
+def _unreachable(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        inner = exc.orig.__cause__ if exc.orig is not None else None
+        return inner is not None and _unreachable(inner)
+    return isinstance(exc, _UNREACHABLE)
+
+
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    # A bare ConnectionError is what asyncpg raises when PostgreSQL refuses the connection; it
+    # could in principle come from another backing service, so the words say no more than that.
+    what = "its database or a service it depends on"
+    if not isinstance(exc, ConnectionError):
+        what = "its database"
+    return problem_response(
+        503,
+        "Service unavailable",
+        f"The API cannot reach {what} right now ({type(exc).__name__}); try again shortly.",
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """Last resort: still a problem document, never internals (the traceback goes to the log)."""
+    if _unreachable(exc):
+        return await _unavailable(_, exc)
+    return problem_response(500, "Internal server error", "An unexpected error occurred.")
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
+    if _unreachable(exc):
+        return await _unavailable(request, exc)
     if not _is_bad_data(exc):
         raise exc
     cause = exc.orig.__cause__ if exc.orig is not None else None
@@ -160,6 +202,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for unreachable in _UNREACHABLE:
+        app.add_exception_handler(unreachable, _unavailable)
+    app.add_exception_handler(Exception, _unexpected)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.config import Settings
+from app.main import create_app
 from tests.api.helpers import admin_with_headers, assert_problem, user_with_headers
 
 
@@ -118,3 +122,40 @@ async def test_unknown_fields_are_422_not_silently_ignored(
     assert_problem(response, 422, field=field)
     me = await client.get("/me", headers=headers)
     assert me.json()["role"] == "user"
+
+
+async def test_an_unreachable_database_is_a_503_problem_for_both_read_paths(
+    settings: Settings,
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = settings.model_copy(
+        update={"database_url": f"postgresql+asyncpg://postgres@127.0.0.1:{port}/ibp"}
+    )
+    app = create_app(down)
+    transport = httpx.ASGITransport(app=app)
+    headers = {"Authorization": "Bearer ibpt_whatever"}
+    async with (
+        app.router.lifespan_context(app),  # starts without the database: it connects lazily
+        httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as client,
+    ):
+        for path in ("/backup-policies", "/instances", "/me"):  # read pool, then sessions
+            response = await client.get(path, headers=headers)
+            assert_problem(response, 503)
+            assert response.headers["retry-after"] == "5"
+            assert "cannot reach its database" in response.json()["detail"]
+
+
+async def test_an_unexpected_error_is_a_500_problem_without_internals(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/api/v1/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as client:
+        response = await client.get("/boom")
+    assert_problem(response, 500)
+    assert "secret" not in response.text
