@@ -101,14 +101,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(api)
-    _problems_only(app)
+    _document_problems(app)
     return app
 
 
-def _problems_only(app: FastAPI) -> None:
+_UNAVAILABLE_RESPONSE = {
+    "description": "The database cannot be reached; retry after `Retry-After` seconds",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
+    "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
+def _document_problems(app: FastAPI) -> None:
     """Error responses are documented as application/problem+json only: that is what is sent.
 
-    (`responses={..., "model": Problem}` makes FastAPI add an application/json twin.)
+    (`responses={..., "model": Problem}` makes FastAPI add an application/json twin.) Every
+    operation that reaches the database (all but /health) may also answer 503.
     """
     generate = app.openapi
 
@@ -121,6 +129,8 @@ def _problems_only(app: FastAPI) -> None:
                         content = response.get("content", {})
                         if PROBLEM_MEDIA_TYPE in content:
                             content.pop("application/json", None)
+                    if "401" in operation.get("responses", {}):
+                        operation["responses"]["503"] = _UNAVAILABLE_RESPONSE
         return app.openapi_schema or generate()
 
     app.openapi = openapi  # type: ignore[method-assign]
