@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg.exceptions
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -145,12 +146,15 @@ def _is_bad_data(exc: DBAPIError) -> bool:
     return isinstance(cause, asyncpg.exceptions.DataError)
 
 
-# The database cannot be reached or takes no more connections: nothing the client did wrong.
+# A backing service cannot be reached (or takes no more connections): nothing the client did
+# wrong, and worth a retry.
 _UNREACHABLE = (
     ConnectionError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
 )
 RETRY_AFTER_SECONDS = 5
 
@@ -165,10 +169,12 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-    # A bare ConnectionError is what asyncpg raises when PostgreSQL refuses the connection; it
-    # could in principle come from another backing service, so the words say no more than that.
-    what = "its database or a service it depends on"
-    if not isinstance(exc, ConnectionError):
+    if isinstance(exc, redis.exceptions.RedisError):
+        what = "its job queue (Redis)"
+    elif isinstance(exc, ConnectionError):
+        # What asyncpg raises when PostgreSQL refuses connections; in principle another service.
+        what = "its database or a service it depends on"
+    else:
         what = "its database"
     return problem_response(
         503,

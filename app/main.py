@@ -106,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 _UNAVAILABLE_RESPONSE = {
-    "description": "The database cannot be reached; retry after `Retry-After` seconds",
+    "description": "The database or the job queue cannot be reached; retry after `Retry-After` s",
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}},
     "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
 }

@@ -13,6 +13,7 @@ from app.backups.chains import completed_chains
 from app.backups.service import mark_for_deletion
 from app.db import JobQueue
 from app.models import Backup, BackupPolicy, Instance, Restore
+from app.queues import enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import chains_to_delete
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
@@ -133,3 +134,49 @@ async def reap_stale_restores(
         (RESTORE_WORKER_LOST, RESTORE_NEVER_STARTED),
     )
     return [r.id for r in restores]
+
+
+# Long enough for the request or tick that created a row to have sent its job.
+REDISPATCH_AFTER = timedelta(minutes=1)
+REDISPATCH_BATCH = 500
+
+
+async def redispatch_lost_jobs(session: AsyncSession, jobs: JobQueue, now: datetime) -> int:
+    """Send again the jobs of rows still waiting for one: an enqueue lost to a Redis outage,
+    or a crash between a commit and its enqueue, only delays the work.
+
+    Fixed job ids make arq drop the copies of jobs still queued, running or just finished, and
+    every job claims its row with a conditional UPDATE, so a second delivery is harmless.
+    Deletions are sent again only before their first attempt (later ones back off on purpose).
+    """
+    cutoff = now - REDISPATCH_AFTER
+    backups = await session.execute(
+        select(Backup.id, Instance.hypervisor_id)
+        .join(Instance, Instance.id == Backup.instance_id)
+        .where(Backup.status == "pending", Backup.created_at < cutoff)
+        .order_by(Backup.created_at)
+        .limit(REDISPATCH_BATCH)
+    )
+    restores = await session.execute(
+        select(Restore.id, Instance.hypervisor_id)
+        .join(Instance, Instance.id == Restore.instance_id)
+        .where(Restore.status == "pending", Restore.created_at < cutoff)
+        .order_by(Restore.created_at)
+        .limit(REDISPATCH_BATCH)
+    )
+    deletions = await session.scalars(
+        select(Backup.id)
+        .where(Backup.status == "deleting", Backup.delete_attempts == 0)
+        .limit(REDISPATCH_BATCH)
+    )
+    sent = 0
+    for backup_id, hypervisor_id in backups:
+        enqueue_backup(jobs, backup_id, hypervisor_id)
+        sent += 1
+    for restore_id, hypervisor_id in restores:
+        enqueue_restore(jobs, restore_id, hypervisor_id)
+        sent += 1
+    for backup_id in deletions:
+        enqueue_deletion(jobs, backup_id)
+        sent += 1
+    return sent

@@ -14,7 +14,7 @@ from app.db import JobQueue
 from app.errors import Conflict
 from app.instances.service import get_instance
 from app.models import Backup, BackupPolicy, User
-from app.queues import hypervisor_queue
+from app.queues import enqueue_backup
 from app.scheduling import Plan, Schedule, plan_backup
 
 # Without a policy there is no chain length to respect: every manual backup is a full.
@@ -66,10 +66,5 @@ async def backup_now(
     )
     session.add(backup)
     await session.flush()
-    jobs.add(
-        "run_backup",
-        str(backup.id),
-        queue_name=hypervisor_queue(instance.hypervisor_id),
-        job_id=f"backup:{backup.id}",
-    )
+    enqueue_backup(jobs, backup.id, instance.hypervisor_id)
     return await read_backup(session, user, backup.id)

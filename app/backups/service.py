@@ -14,7 +14,7 @@ from app.backups.schemas import BackupDeletion, BackupFileRead, BackupRead
 from app.db import JobQueue
 from app.errors import Conflict, NotFound
 from app.models import Backup, BackupFile, Hypervisor, Instance, Location, Restore, User
-from app.queues import CONTROL_QUEUE
+from app.queues import enqueue_deletion
 from app.schemas import backup_costs, size_human
 
 BackupRow = tuple[Backup, str, Decimal | None]
@@ -176,10 +176,5 @@ async def mark_for_deletion(
         update(Backup).where(Backup.id.in_(backup_ids)).values(status="deleting", progress=None)
     )
     for backup_id in backup_ids:
-        jobs.add(
-            "delete_backup_files",
-            str(backup_id),
-            queue_name=CONTROL_QUEUE,
-            job_id=f"delete:{backup_id}",
-        )
+        enqueue_deletion(jobs, backup_id)
     return BackupDeletion(backup_ids=backup_ids)

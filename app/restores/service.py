@@ -14,7 +14,7 @@ from app.db import JobQueue
 from app.errors import Conflict, NotFound
 from app.instances.service import get_instance
 from app.models import Instance, Restore, User
-from app.queues import hypervisor_queue
+from app.queues import enqueue_restore
 from app.restores.schemas import RestoreTarget
 
 
@@ -72,10 +72,5 @@ async def start_restore(
     )
     session.add(restore)
     await session.flush()
-    jobs.add(
-        "run_restore",
-        str(restore.id),
-        queue_name=hypervisor_queue(instance.hypervisor_id),
-        job_id=f"restore:{restore.id}",
-    )
+    enqueue_restore(jobs, restore.id, instance.hypervisor_id)
     return restore

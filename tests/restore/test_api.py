@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 from arq.connections import ArqRedis
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.chains import chain_states
@@ -260,3 +262,28 @@ async def test_backups_cannot_be_deleted_while_a_restore_reads_them(
     assert "restore" in response.json()["detail"]
     await session.refresh(backup)
     assert backup.status == "completed"
+
+
+async def test_with_redis_down_backup_now_is_still_accepted_and_verify_is_a_503(
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.state.arq = ArqRedis(host="127.0.0.1", port=port, socket_connect_timeout=2)
+    try:
+        _, headers, instance = await _owned(session)
+        # The pending row is saved; the scheduler tick sends its job once Redis is back.
+        now = await client.post(f"/instances/{instance.id}/backups", headers=headers)
+        assert now.status_code == 202, now.text
+        saved = await session.get(Backup, uuid.UUID(now.json()["id"]))
+        assert saved is not None and saved.status == "pending"
+        # A verify request leaves no row behind: the client is told to try again.
+        completed = await create_backup(
+            session, instance, scheduled_for=datetime.now(UTC) - timedelta(days=1)
+        )
+        refused = await client.post(f"/backups/{completed.id}/verify", headers=headers)
+        assert "job queue" in assert_problem(refused, 503)["detail"]
+        assert refused.headers["retry-after"] == "5"
+    finally:
+        await app.state.arq.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.backups.lifecycle import reap_stale, reap_stale_restores
+from app.backups.lifecycle import reap_stale, reap_stale_restores, redispatch_lost_jobs
 from app.backups.verification import due_for_verification, enqueue_verify
 from app.db import JobQueue
 from worker.context import WorkerContext
@@ -29,11 +29,14 @@ async def tick(ctx: WorkerContext) -> str:
             max(grace, timedelta(hours=1)),
         )
         await session.commit()
+        lost = JobQueue()
+        resent = await redispatch_lost_jobs(session, lost, now)
+    await lost.flush(ctx.get("redis"))
     result = await run_tick(ctx["sessionmaker"], ctx.get("redis"), now, grace)
     verifies = await schedule_verifications(ctx, now)
     return (
         f"policies={result.policies} dispatched={len(result.dispatched)} "
-        f"skipped={result.skipped} reaped={len(reaped)} verifies={verifies}"
+        f"skipped={result.skipped} reaped={len(reaped)} resent={resent} verifies={verifies}"
     )
 
 

@@ -21,7 +21,7 @@ from app.backups.chains import InstanceChain, chain_states, planning_state
 from app.db import JobQueue
 from app.models import Backup, BackupPolicy, Instance, User
 from app.policies.service import schedule_of
-from app.queues import hypervisor_queue
+from app.queues import enqueue_backup
 from app.scheduling import (
     next_run_at,
     plan_backup,
@@ -128,12 +128,7 @@ async def _dispatch_batch(
         hypervisor_of = {i.id: i.hypervisor_id for i in instances}
         for backup_id, instance_id, status in inserted:
             if status == "pending":
-                jobs.add(
-                    "run_backup",
-                    str(backup_id),
-                    queue_name=hypervisor_queue(hypervisor_of[instance_id]),
-                    job_id=f"backup:{backup_id}",
-                )
+                enqueue_backup(jobs, backup_id, hypervisor_of[instance_id])
                 result.dispatched.append(backup_id)
     return len(rows)
 
