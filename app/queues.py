@@ -18,24 +18,35 @@ def hypervisor_queue(hypervisor_id: uuid.UUID | str) -> str:
     return f"ibp:hypervisor:{hypervisor_id}"
 
 
-def enqueue_backup(jobs: JobQueue, backup_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
+def _on_hypervisor(
+    jobs: JobQueue,
+    function: str,
+    kind: str,
+    row_id: uuid.UUID,
+    hypervisor_id: uuid.UUID,
+    redispatched: bool,
+) -> None:
+    # These run on the instance's hypervisor: its worker has libvirt, scratch space, qemu-img.
     jobs.add(
-        "run_backup",
-        str(backup_id),
+        function,
+        str(row_id),
         queue_name=hypervisor_queue(hypervisor_id),
-        job_id=f"backup:{backup_id}",
-        redispatched=True,
+        job_id=f"{kind}:{row_id}",
+        redispatched=redispatched,
     )
+
+
+def enqueue_backup(jobs: JobQueue, backup_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
+    _on_hypervisor(jobs, "run_backup", "backup", backup_id, hypervisor_id, redispatched=True)
 
 
 def enqueue_restore(jobs: JobQueue, restore_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
-    jobs.add(
-        "run_restore",
-        str(restore_id),
-        queue_name=hypervisor_queue(hypervisor_id),
-        job_id=f"restore:{restore_id}",
-        redispatched=True,
-    )
+    _on_hypervisor(jobs, "run_restore", "restore", restore_id, hypervisor_id, redispatched=True)
+
+
+def enqueue_verify(jobs: JobQueue, backup_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
+    # No row records a requested verify: a lost enqueue must fail the request instead.
+    _on_hypervisor(jobs, "verify_backup", "verify", backup_id, hypervisor_id, redispatched=False)
 
 
 def enqueue_deletion(jobs: JobQueue, backup_id: uuid.UUID) -> None:

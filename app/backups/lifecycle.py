@@ -150,33 +150,33 @@ async def redispatch_lost_jobs(session: AsyncSession, jobs: JobQueue, now: datet
     Deletions are sent again only before their first attempt (later ones back off on purpose).
     """
     cutoff = now - REDISPATCH_AFTER
-    backups = await session.execute(
-        select(Backup.id, Instance.hypervisor_id)
-        .join(Instance, Instance.id == Backup.instance_id)
-        .where(Backup.status == "pending", Backup.created_at < cutoff)
-        .order_by(Backup.created_at)
-        .limit(REDISPATCH_BATCH)
-    )
-    restores = await session.execute(
-        select(Restore.id, Instance.hypervisor_id)
-        .join(Instance, Instance.id == Restore.instance_id)
-        .where(Restore.status == "pending", Restore.created_at < cutoff)
-        .order_by(Restore.created_at)
-        .limit(REDISPATCH_BATCH)
-    )
-    deletions = await session.scalars(
-        select(Backup.id)
-        .where(Backup.status == "deleting", Backup.delete_attempts == 0)
-        .limit(REDISPATCH_BATCH)
-    )
-    sent = 0
+    backups = await _waiting(session, Backup, cutoff)
+    restores = await _waiting(session, Restore, cutoff)
+    deletions = (
+        await session.scalars(
+            select(Backup.id)
+            .where(Backup.status == "deleting", Backup.delete_attempts == 0)
+            .limit(REDISPATCH_BATCH)
+        )
+    ).all()
     for backup_id, hypervisor_id in backups:
         enqueue_backup(jobs, backup_id, hypervisor_id)
-        sent += 1
     for restore_id, hypervisor_id in restores:
         enqueue_restore(jobs, restore_id, hypervisor_id)
-        sent += 1
     for backup_id in deletions:
         enqueue_deletion(jobs, backup_id)
-        sent += 1
-    return sent
+    return len(backups) + len(restores) + len(deletions)
+
+
+async def _waiting(
+    session: AsyncSession, model: type[Backup] | type[Restore], cutoff: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """(row id, hypervisor id) of rows pending since before the cutoff, oldest first."""
+    rows = await session.execute(
+        select(model.id, Instance.hypervisor_id)
+        .join(Instance, Instance.id == model.instance_id)
+        .where(model.status == "pending", model.created_at < cutoff)
+        .order_by(model.created_at)
+        .limit(REDISPATCH_BATCH)
+    )
+    return [(row_id, hypervisor_id) for row_id, hypervisor_id in rows]

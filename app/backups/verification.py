@@ -15,19 +15,9 @@ from app.backups.service import get_backup_row, to_reads
 from app.db import JobQueue
 from app.errors import Conflict
 from app.models import Backup, Instance, User
-from app.queues import hypervisor_queue
+from app.queues import enqueue_verify
 
 DUE_BATCH = 500  # per tick: the rest are picked up by the next ticks
-
-
-def enqueue_verify(jobs: JobQueue, backup_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
-    # It runs on the instance's hypervisor: that worker has the scratch space and qemu-img.
-    jobs.add(
-        "verify_backup",
-        str(backup_id),
-        queue_name=hypervisor_queue(hypervisor_id),
-        job_id=f"verify:{backup_id}",
-    )
 
 
 async def request_verify(
