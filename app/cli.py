@@ -1,4 +1,5 @@
-"""The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, openapi."""
+"""The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, demo-vm,
+run-backup, openapi."""
 
 from __future__ import annotations
 
@@ -131,6 +132,54 @@ async def _run_backup(backup_id: str) -> None:
     print(result)
 
 
+async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: int) -> None:
+    """A running demo VM on hypervisor 'local', registered as an instance of `email`'s."""
+    from sqlalchemy import select
+
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from app.models import Hypervisor, Instance, InstanceDisk, User
+    from app.virt.demo import ensure_demo_vm
+
+    mib = 1024 * 1024
+    engine = build_engine(get_settings())
+    try:
+        async with build_sessionmaker(engine)() as session:
+            user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+            if user is None:
+                raise SystemExit(f"No user with email {email}")
+            hypervisor = await session.scalar(select(Hypervisor).where(Hypervisor.name == "local"))
+            if hypervisor is None:
+                raise SystemExit("No hypervisor 'local': run `ibp setup-local` first")
+            await asyncio.to_thread(
+                ensure_demo_vm, hypervisor.libvirt_uri, name, disk, size_mib * mib, data_mib * mib
+            )
+            instance = await session.scalar(
+                select(Instance).where(
+                    Instance.hypervisor_id == hypervisor.id, Instance.domain_name == name
+                )
+            )
+            if instance is None:
+                instance = Instance(
+                    name=name,
+                    owner_id=user.id,
+                    hypervisor_id=hypervisor.id,
+                    domain_name=name,
+                    status="deployed",
+                    disks=[InstanceDisk(target="vda", boot=True, size_bytes=size_mib * mib)],
+                )
+                session.add(instance)
+                await session.commit()
+    finally:
+        await engine.dispose()
+    print(
+        f"Demo VM {name!r} is running (disk {disk}, first {data_mib} MiB written); "
+        f"it is instance {instance.id} of {email}.",
+        file=sys.stderr,
+    )
+    print(instance.id)
+
+
 def _openapi(_: argparse.Namespace) -> None:
     from app.main import create_app
 
@@ -200,6 +249,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     run_backup.add_argument("backup_id")
     run_backup.set_defaults(func=lambda a: asyncio.run(_run_backup(a.backup_id)))
+
+    demo = sub.add_parser(
+        "demo-vm",
+        help="start a small demo VM on hypervisor 'local' and register it (prints its id)",
+    )
+    demo.add_argument("--email", required=True, help="the instance's owner")
+    demo.add_argument("--name", default="ibp-demo", help="libvirt domain name (ibp-demo)")
+    demo.add_argument("--size-mib", type=int, default=256, help="disk size (256)")
+    demo.add_argument("--data-mib", type=int, default=64, help="bytes written at first (64)")
+    demo.add_argument("--data-dir", default=None, help="default: IBP_DATA_DIR (./var)")
+    demo.set_defaults(
+        func=lambda a: asyncio.run(
+            _demo_vm(
+                a.email,
+                a.name,
+                Path(a.data_dir or _settings().data_dir).resolve() / "vms" / f"{a.name}-vda.qcow2",
+                a.size_mib,
+                a.data_mib,
+            )
+        )
+    )
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=_openapi)

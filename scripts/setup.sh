@@ -22,6 +22,8 @@ want=()
 command -v python3.11 >/dev/null || want+=(python3.11 python3.11-venv python3.11-dev)
 command -v pg_isready >/dev/null || want+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || want+=(redis-server)
+command -v jq >/dev/null || want+=(jq)                   # the README's walkthrough reads JSON
+command -v curl >/dev/null || want+=(curl)
 if [ ${#want[@]} -gt 0 ]; then log "installing ${want[*]}"; apt_install "${want[@]}"; fi
 
 # --- PostgreSQL and Redis (start them only when not answering) -------------------------------

@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import libvirt
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import paths
 from app.cli import main
-from app.models import BackupStorage, Hypervisor
+from app.models import BackupStorage, Hypervisor, Instance, InstanceDisk, User
+from tests.virt import vmkit
 
 
 def _ibp(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -67,3 +70,51 @@ def test_migrate_outside_a_checkout_says_where_to_run_it(
         main(["migrate"])
 
     assert "no alembic.ini" in str(exc.value) and str(tmp_path) in str(exc.value)
+
+
+async def test_demo_vm_starts_a_vm_with_data_and_registers_it_once(
+    committed_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    vmkit.ensure_libvirtd()
+    name = vmkit.unique_name("demo")
+    async with committed_engine.begin() as conn:
+        await conn.execute(
+            insert(User).values(
+                id=uuid.uuid4(), email="demo@example.com", name="Demo", password_hash="x"
+            )
+        )
+    try:
+        assert _ibp("setup-local", "--data-dir", str(tmp_path)).returncode == 0
+        args = ("demo-vm", "--email", "demo@example.com", "--name", name, "--data-mib", "2")
+        first = _ibp(*args, "--data-dir", str(tmp_path))
+        assert first.returncode == 0, first.stderr
+        again = _ibp(*args, "--data-dir", str(tmp_path))  # idempotent: the same instance
+        assert again.returncode == 0 and again.stdout == first.stdout
+        instance_id = uuid.UUID(first.stdout.strip())
+        async with committed_engine.connect() as conn:
+            row = (await conn.execute(select(Instance).where(Instance.id == instance_id))).one()
+            disks = (
+                await conn.execute(
+                    select(InstanceDisk.target, InstanceDisk.boot, InstanceDisk.size_bytes).where(
+                        InstanceDisk.instance_id == instance_id
+                    )
+                )
+            ).all()
+        assert row.domain_name == name and row.status == "deployed"
+        assert disks == [("vda", True, 256 * 1024 * 1024)]
+        conn_ = libvirt.open(vmkit.URI)
+        try:
+            assert conn_.lookupByName(name).isActive()
+        finally:
+            conn_.close()
+        disk = tmp_path / "vms" / f"{name}-vda.qcow2"
+        check = subprocess.run(
+            ["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0x5a 0 2M", str(disk)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "Pattern verification failed" not in check.stdout + check.stderr
+        assert "read 2097152/2097152" in check.stdout
+    finally:
+        vmkit.destroy_vm(name)

@@ -21,6 +21,7 @@ import libvirt
 import libvirt_qemu
 
 from app.virt._conn import register_error_handler
+from app.virt.demo import domain_xml
 
 URI = os.environ.get("IBP_TEST_LIBVIRT_URI", "qemu:///system")
 PREFIX = "ibp-test-"
@@ -73,30 +74,6 @@ def unique_name(label: str = "vm") -> str:
 def _conn() -> Any:
     register_error_handler()
     return libvirt.open(URI)
-
-
-def domain_xml(name: str, disks: dict[str, Path], boot_target: str, memory_mib: int = 64) -> str:
-    disk_xml = []
-    for target, path in disks.items():
-        boot = "<boot order='1'/>" if target == boot_target else ""
-        disk_xml.append(
-            f"""
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{path}'/>
-      <target dev='{target}' bus='virtio'/>{boot}
-    </disk>"""
-        )
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <on_crash>destroy</on_crash>
-  <devices>{"".join(disk_xml)}
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
 
 
 def create_disk(path: Path, size: int, fill_from: Path | None = None) -> None:
