@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from app.config import Settings
+    from app.models import User
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -93,21 +96,28 @@ async def _register_local(root: Path) -> None:
         await engine.dispose()
 
 
-async def _create_token(email: str, name: str) -> None:
+async def _user_by_email(session: AsyncSession, email: str) -> User:
     from sqlalchemy import select
+
+    from app.models import User
+
+    user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None:
+        raise SystemExit(f"No user with email {email}")
+    return user
+
+
+async def _create_token(email: str, name: str) -> None:
 
     from app.auth.schemas import ApiTokenCreate
     from app.auth.service import create_token
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
-    from app.models import User
 
     engine = build_engine(get_settings())
     try:
         async with build_sessionmaker(engine)() as session:
-            user = await session.scalar(select(User).where(User.email == email.strip().lower()))
-            if user is None:
-                raise SystemExit(f"No user with email {email}")
+            user = await _user_by_email(session, email)
             _, token = await create_token(session, user, ApiTokenCreate(name=name))
             await session.commit()
     finally:
@@ -138,16 +148,14 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
 
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
-    from app.models import Hypervisor, Instance, InstanceDisk, User
+    from app.models import Hypervisor, Instance, InstanceDisk
     from app.virt.demo import ensure_demo_vm
 
     mib = 1024 * 1024
     engine = build_engine(get_settings())
     try:
         async with build_sessionmaker(engine)() as session:
-            user = await session.scalar(select(User).where(User.email == email.strip().lower()))
-            if user is None:
-                raise SystemExit(f"No user with email {email}")
+            user = await _user_by_email(session, email)
             hypervisor = await session.scalar(select(Hypervisor).where(Hypervisor.name == "local"))
             if hypervisor is None:
                 raise SystemExit("No hypervisor 'local': run `ibp setup-local` first")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -99,27 +99,28 @@ def _summary(frequency: str, hour: int, day_of_week: str | None) -> str:
     return schedule_summary(schedule)
 
 
-def _list_item(row: Mapping[str, Any]) -> dict[str, Any]:
-    frequency, hour, day_of_week = row["frequency"], row["hour"], row["day_of_week"]
+def _read_fields(get: Callable[[str], Any]) -> dict[str, Any]:
+    """PolicyRead's fields, from any source of the columns plus timezone and instance_count."""
+    frequency, hour, day_of_week = get("frequency"), get("hour"), get("day_of_week")
     return {
-        "id": row["id"],
-        "owner_id": row["owner_id"],
-        "name": row["name"],
-        "status": row["status"],
+        "id": get("id"),
+        "owner_id": get("owner_id"),
+        "name": get("name"),
+        "status": get("status"),
         "schedule": {"frequency": frequency, "hour": hour, "day_of_week": day_of_week},
         "schedule_summary": _summary(frequency, hour, day_of_week),
-        "timezone": row["timezone"],
-        "max_incremental_chain": row["max_incremental_chain"],
-        "retention_count": row["retention_count"],
-        "backup_device": row["backup_device"],
-        "instance_count": row["instance_count"],
-        "last_error": row["last_error"],
-        "last_error_at": row["last_error_at"],
-        "next_run_at": row["next_run_at"],
-        "skipped_runs": row["skipped_runs"],
-        "last_skip_reason": row["last_skip_reason"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
+        "timezone": get("timezone"),
+        "max_incremental_chain": get("max_incremental_chain"),
+        "retention_count": get("retention_count"),
+        "backup_device": get("backup_device"),
+        "instance_count": get("instance_count"),
+        "last_error": get("last_error"),
+        "last_error_at": get("last_error_at"),
+        "next_run_at": get("next_run_at"),
+        "skipped_runs": get("skipped_runs"),
+        "last_skip_reason": get("last_skip_reason"),
+        "created_at": get("created_at"),
+        "updated_at": get("updated_at"),
     }
 
 
@@ -143,7 +144,7 @@ async def list_policies_json(
     rows = await conn.fetch(page_sql, page.limit, page.offset, *filters)
     total = rows[0]["total"] if rows else await conn.fetchval(count_sql, *filters)
     body = {
-        "items": [_list_item(row) for row in rows],
+        "items": [_read_fields(row.__getitem__) for row in rows],
         "total": total,
         "limit": page.limit,
         "offset": page.offset,
@@ -155,33 +156,10 @@ def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
     return PolicyRead(**read_values(policy, zone, instance_count))
 
 
-def read_values(policy: Any, zone: str, instance_count: int) -> dict[str, Any]:
-    """A policy's read fields from an ORM object or a plain row with the same columns."""
-    schedule = schedule_of(policy)
-    return dict(
-        id=policy.id,
-        owner_id=policy.owner_id,
-        name=policy.name,
-        status=policy.status,
-        schedule={
-            "frequency": schedule.frequency,
-            "hour": schedule.hour,
-            "day_of_week": schedule.day_of_week,
-        },
-        schedule_summary=schedule_summary(schedule),
-        timezone=zone,
-        max_incremental_chain=policy.max_incremental_chain,
-        retention_count=policy.retention_count,
-        backup_device=policy.backup_device,
-        instance_count=instance_count,
-        last_error=policy.last_error,
-        last_error_at=policy.last_error_at,
-        next_run_at=policy.next_run_at,
-        skipped_runs=policy.skipped_runs,
-        last_skip_reason=policy.last_skip_reason,
-        created_at=policy.created_at,
-        updated_at=policy.updated_at,
-    )
+def read_values(policy: BackupPolicy, zone: str, instance_count: int) -> dict[str, Any]:
+    """A policy's read fields from its ORM object, its owner's zone and its instance count."""
+    extra = {"timezone": zone, "instance_count": instance_count}
+    return _read_fields(lambda key: extra[key] if key in extra else getattr(policy, key))
 
 
 async def get_policy_row(
