@@ -8,10 +8,13 @@ single process serves both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
+import redis.exceptions as redis_errors
 from arq import Worker, cron, func
 from arq.connections import RedisSettings
 from sqlalchemy import select
@@ -50,14 +53,18 @@ def _job(function: Any) -> Any:
     return function
 
 
-def _workers(settings: Settings, hypervisor: Hypervisor | None, control: bool) -> list[Worker]:
+def _workers(
+    settings: Settings, hypervisor: Hypervisor | None, control: bool
+) -> list[tuple[str, Callable[[], Worker]]]:
+    """(queue name, factory) per queue served: each call makes a fresh arq Worker (_serve)."""
     engine = build_engine(settings)
     ctx: dict[str, Any] = {"settings": settings, "sessionmaker": build_sessionmaker(engine)}
     redis = RedisSettings.from_dsn(settings.redis_url)
-    workers = []
+    workers: list[tuple[str, Callable[[], Worker]]] = []
     if control:
-        workers.append(
-            Worker(
+
+        def control_worker() -> Worker:
+            return Worker(
                 functions=[
                     func(_job(delete_backup_files), max_tries=DELETE_MAX_TRIES, timeout=600)
                 ],
@@ -67,10 +74,13 @@ def _workers(settings: Settings, hypervisor: Hypervisor | None, control: bool) -
                 ctx=dict(ctx),
                 handle_signals=False,
             )
-        )
+
+        workers.append((CONTROL_QUEUE, control_worker))
     if hypervisor is not None:
-        workers.append(
-            Worker(
+        queue, max_jobs = hypervisor_queue(hypervisor.id), hypervisor.max_concurrent_backups
+
+        def hypervisor_worker() -> Worker:
+            return Worker(
                 functions=[
                     func(_job(run_backup), timeout=BACKUP_TIMEOUT_S, max_tries=2),
                     # A second try only cleans up after a dead worker (see _recover_interrupted).
@@ -78,13 +88,14 @@ def _workers(settings: Settings, hypervisor: Hypervisor | None, control: bool) -
                     # No kept result: the next verify of the same backup may reuse its job id.
                     func(_job(verify_backup), timeout=VERIFY_TIMEOUT_S, keep_result=0),
                 ],
-                queue_name=hypervisor_queue(hypervisor.id),
-                max_jobs=hypervisor.max_concurrent_backups,
+                queue_name=queue,
+                max_jobs=max_jobs,
                 redis_settings=redis,
                 ctx=dict(ctx),
                 handle_signals=False,
             )
-        )
+
+        workers.append((queue, hypervisor_worker))
     return workers
 
 
@@ -98,17 +109,77 @@ async def _run(hypervisor_name: str | None, control: bool) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(w.async_run()) for w in workers]
-    names = [w.queue_name for w in workers]
+    names = [name for name, _ in workers]
     log.info("worker serving %s", ", ".join(names))
     print(f"ibp worker serving queues: {', '.join(names)}", flush=True)
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for w in workers:
-        await w.close()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(_serve(make, stop) for _, make in workers))
+
+
+# Redis itself is away (restarted, network): wait and start the worker again.
+_REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+RECONNECT_FIRST_S = 1.0
+RECONNECT_MAX_S = 30.0
+
+
+async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
+    """Run one queue's arq worker until `stop`, surviving Redis outages.
+
+    arq's worker ends when Redis goes away. Its running jobs are left to finish (their state
+    is in PostgreSQL, and a half-done backup is not thrown away for a Redis blip), then a
+    fresh worker connects, retrying with backoff. Jobs lost with Redis's memory are sent
+    again by the tick (app.backups.lifecycle.redispatch_lost_jobs).
+    """
+    delay = RECONNECT_FIRST_S
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        worker = make()
+        started = loop.time()
+        running = asyncio.create_task(worker.async_run())
+        halt = asyncio.create_task(stop.wait())
+        await asyncio.wait([running, halt], return_when=asyncio.FIRST_COMPLETED)
+        halt.cancel()
+        if stop.is_set():
+            await worker.close()  # cancels running jobs: they record the interruption
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            return
+        error = running.exception()
+        if error is None:
+            return
+        if not isinstance(error, _REDIS_DOWN):
+            raise error
+        jobs = [task for task in worker.tasks.values() if not task.done()]
+        log.warning(
+            "queue %s: Redis is unreachable (%s); %d running job(s) finish first, then the "
+            "worker reconnects",
+            worker.queue_name,
+            error,
+            len(jobs),
+        )
+        if jobs and not await _until_done_or_stopped(jobs, stop):
+            await asyncio.gather(*jobs, return_exceptions=True)
+            return
+        with contextlib.suppress(Exception):  # best effort: its connections are already dead
+            await worker.close()
+        if loop.time() - started > RECONNECT_MAX_S:
+            delay = RECONNECT_FIRST_S  # it had been serving: a new outage starts the backoff
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, RECONNECT_MAX_S)
+
+
+async def _until_done_or_stopped(jobs: list[asyncio.Task[Any]], stop: asyncio.Event) -> bool:
+    """True when the jobs ended; on stop, cancel them (they record it) and say False."""
+    done = asyncio.create_task(asyncio.wait(jobs))
+    halt = asyncio.create_task(stop.wait())
+    await asyncio.wait([done, halt], return_when=asyncio.FIRST_COMPLETED)
+    if done.done():
+        halt.cancel()
+        return True
+    done.cancel()
+    for job in jobs:
+        job.cancel()
+    return False
 
 
 def run_worker(hypervisor: str | None, control: bool = True) -> None:
