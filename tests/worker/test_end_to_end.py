@@ -40,7 +40,9 @@ async def test_scheduled_backup_runs_through_the_worker_and_shows_in_the_api(
     result = await run_tick(real_sessionmaker, arq_redis, due, timedelta(hours=6))
     assert len(result.dispatched) == 1
 
-    (hv_worker,) = _workers(settings, world.hypervisor, control=False)
+    ((queue, make),) = _workers(settings, world.hypervisor, control=False)
+    hv_worker = make()
+    assert hv_worker.queue_name == queue
     hv_worker.burst = True
     await hv_worker.main()
     await hv_worker.close()
