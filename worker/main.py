@@ -139,7 +139,8 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
         await asyncio.wait([running, halt], return_when=asyncio.FIRST_COMPLETED)
         halt.cancel()
         if stop.is_set():
-            await worker.close()  # cancels running jobs: they record the interruption
+            with contextlib.suppress(*_REDIS_DOWN):  # stopping during an outage: nothing to tidy
+                await worker.close()  # cancels running jobs: they record the interruption
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             return
