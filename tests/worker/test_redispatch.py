@@ -9,12 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.exceptions as redis_errors
 from arq.connections import ArqRedis
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backups.lifecycle import redispatch_lost_jobs
 from app.db import JobQueue
 from app.queues import CONTROL_QUEUE, enqueue_backup, hypervisor_queue
 from tests.factories import create_backup, create_instance, create_restore, create_user
+from worker.context import WorkerContext
+from worker.tasks.control import tick
 
 
 def _dead_redis() -> ArqRedis:
@@ -78,3 +80,29 @@ async def test_a_lost_enqueue_of_a_redispatched_job_is_logged_not_raised(
             await jobs.flush(redis)  # nothing durable would bring this one back
     finally:
         await redis.aclose()
+
+
+async def test_the_minute_tick_resends_lost_jobs(
+    worker_ctx: WorkerContext,
+    real_sessionmaker: async_sessionmaker[AsyncSession],
+    arq_redis: ArqRedis,
+) -> None:
+    async with real_sessionmaker() as session:
+        instance = await create_instance(session, await create_user(session))
+        lost = await create_backup(
+            session,
+            instance,
+            status="pending",
+            created_at=datetime.now(UTC) - timedelta(minutes=3),
+            started_at=None,
+            completed_at=None,
+        )
+        await session.commit()
+
+    summary = await tick(worker_ctx)
+
+    assert "resent=1" in summary
+    queue = hypervisor_queue(instance.hypervisor_id)
+    assert [j.job_id for j in await arq_redis.queued_jobs(queue_name=queue)] == [
+        f"backup:{lost.id}"
+    ]
