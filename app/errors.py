@@ -184,10 +184,11 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    """Last resort: still a problem document, never internals (the traceback goes to the log)."""
-    if _unreachable(exc):
-        return await _unavailable(_, exc)
+async def _unexpected(_: Request, __: Exception) -> JSONResponse:
+    """Last resort: still a problem document, never internals (the traceback goes to the log).
+
+    Unreachable services never get here: their own handlers (and _database_error) answer 503.
+    """
     return problem_response(500, "Internal server error", "An unexpected error occurred.")
 
 
