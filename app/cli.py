@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--email", required=True, help="the instance's owner")
     demo.add_argument("--name", default="ibp-demo", help="libvirt domain name (ibp-demo)")
     demo.add_argument("--size-mib", type=int, default=256, help="disk size (256)")
-    demo.add_argument("--data-mib", type=int, default=64, help="bytes written at first (64)")
+    demo.add_argument("--data-mib", type=int, default=64, help="MiB written at first (64)")
     demo.add_argument("--data-dir", default=None, help="default: IBP_DATA_DIR (./var)")
     demo.set_defaults(
         func=lambda a: asyncio.run(
