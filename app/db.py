@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from app.cache import ReadCache
 from app.config import Settings
 
 
@@ -107,6 +109,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with sessionmaker() as session:
         yield session
         await session.commit()
+    if request.method not in ("GET", "HEAD"):
+        request.app.state.read_cache.reset()  # this client reads its own writes at once
     await queue.flush(request.app.state.arq)
 
 
@@ -139,28 +143,61 @@ async def build_read_pool(settings: Settings) -> asyncpg.Pool:
     session's bookkeeping), so endpoints that only read, with their own prepared statements,
     borrow these instead.
     """
-    url = make_url(settings.database_url).set(drivername="postgresql")
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        url.render_as_string(hide_password=False), min_size=0, max_size=settings.db_pool_size
+        asyncpg_dsn(settings), min_size=0, max_size=settings.db_pool_size
     )
     return pool
 
 
-async def get_read_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """A connection for prepared reads (and single-row writes that commit on their own)."""
-    pool: asyncpg.Pool | None = request.app.state.read_pool
-    if pool is not None:
-        async with pool.acquire() as conn:
-            yield conn
-        return
-    # An app given its sessionmaker (tests, embedding) reads through it, seeing what it sees.
-    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with sessionmaker() as session:
-        yield await driver_connection(session)
-        await session.commit()
+def asyncpg_dsn(settings: Settings) -> str:
+    """The database URL as asyncpg itself takes it."""
+    url = make_url(settings.database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
-ReadConnectionDep = Annotated[asyncpg.Connection, Depends(get_read_connection, scope="function")]
+class Reads:
+    """A read connection, taken only when a request first needs one (a read-cache miss).
+
+    From the lifespan's pool; an app given its sessionmaker (tests, embedding) reads through
+    one of its sessions instead, seeing what it sees.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self.cache: ReadCache = state.read_cache
+        self._state = state
+        self._stack = AsyncExitStack()
+        self._conn: asyncpg.Connection | None = None
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._conn is None:
+            self._conn = await self._stack.enter_async_context(self._open())
+        return self._conn
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[asyncpg.Connection]:
+        pool: asyncpg.Pool | None = self._state.read_pool
+        if pool is not None:
+            async with pool.acquire() as conn:
+                yield conn
+            return
+        sessionmaker: async_sessionmaker[AsyncSession] = self._state.sessionmaker
+        async with sessionmaker() as session:
+            yield await driver_connection(session)
+            await session.commit()
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+async def get_reads(request: Request) -> AsyncIterator[Reads]:
+    reads = Reads(request.app.state)
+    try:
+        yield reads
+    finally:
+        await reads.close()
+
+
+ReadsDep = Annotated[Reads, Depends(get_reads, scope="function")]
 
 
 async def flush_or_conflict(session: AsyncSession, message: str) -> None:

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import service
 from app.auth.service import Principal
-from app.db import ReadConnectionDep, SessionDep
+from app.db import ReadsDep, SessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 
@@ -29,9 +29,10 @@ async def current_user(session: SessionDep, credentials: Credentials) -> User:
     return await service.authenticate(session, _token(credentials))
 
 
-async def current_principal(conn: ReadConnectionDep, credentials: Credentials) -> Principal:
-    """The caller's id and role only: one prepared statement, no ORM (for hot list pages)."""
-    return await service.authenticate_principal(conn, _token(credentials))
+async def current_principal(reads: ReadsDep, credentials: Credentials) -> Principal:
+    """The caller's id and role only, from the read cache or one prepared statement (no ORM:
+    for hot list pages)."""
+    return await service.authenticate_principal(reads, _token(credentials))
 
 
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:

@@ -9,7 +9,7 @@ from app.auth.deps import CurrentPrincipal, CurrentUser
 from app.backups import service as backups
 from app.backups.router import StatusFilter, TypeFilter
 from app.backups.schemas import BackupRead
-from app.db import ReadConnectionDep, SessionDep
+from app.db import ReadsDep, SessionDep
 from app.errors import problem_responses
 from app.instances.schemas import InstanceBrief
 from app.policies import preview, service
@@ -37,13 +37,13 @@ router = APIRouter(
     response_model=Page[PolicyRead],
 )
 async def list_all(
-    conn: ReadConnectionDep,
+    reads: ReadsDep,
     user: CurrentPrincipal,
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[PolicyStatus | None, Query()] = None,
 ) -> Response:
-    body = await service.list_policies_json(conn, user, owner_id, status, page)
+    body = await service.list_policies_json(reads, user, owner_id, status, page)
     return Response(body, media_type="application/json")
 
 
