@@ -3,7 +3,8 @@
 Seeds 10,000 policies and 20,000 attached instances, serves the app with uvicorn (one
 process), and runs wrk (Debian package) at 32 connections against: the policy list as an
 admin, as a user, and /api/v1/health (no database) — the reference. Prints requests/s, p99
-latency and the ratios. Run by hand:  .venv/bin/python bench/api_bench.py [--duration 15]
+latency and the ratios; twice: with the read cache (as served) and without it.
+Run by hand:  .venv/bin/python bench/api_bench.py [--duration 15]
 """
 
 from __future__ import annotations
@@ -124,19 +125,8 @@ def wrk(url: str, token: str | None, duration: int, connections: int) -> tuple[f
     return rps, value
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--duration", type=int, default=15)
-    parser.add_argument("--connections", type=int, default=32)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: apt-get install wrk")
-    admin, user = asyncio.run(seed(10_000, 20_000))
-    env = {
-        **os.environ,
-        "IBP_DATABASE_URL": f"{PG.replace('postgresql://', 'postgresql+asyncpg://')}/{DB}",
-        "IBP_DB_POOL_SIZE": "20",
-    }
+def measure(env: dict[str, str], admin: str, user: str, args: argparse.Namespace) -> None:
+    """Serve the app with `env`, wrk each target, print the table (ratios against /health)."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -161,6 +151,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
+        time.sleep(0.5)  # the read cache's change feed connects
         targets = [
             ("bare /health (reference)", f"{base}/health", None),
             ("policies?limit=50 as admin", f"{base}/backup-policies?limit=50", admin),
@@ -178,6 +169,26 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    admin, user = asyncio.run(seed(10_000, 20_000))
+    env = {
+        **os.environ,
+        "IBP_DATABASE_URL": f"{PG.replace('postgresql://', 'postgresql+asyncpg://')}/{DB}",
+        "IBP_DB_POOL_SIZE": "20",
+    }
+    # As served (the read cache on: repeated pages come from memory), then every request
+    # answered from PostgreSQL (IBP_READ_CACHE=false): two prepared statements per request.
+    for cache in ("true", "false"):
+        print(f"\nIBP_READ_CACHE={cache}")
+        measure({**env, "IBP_READ_CACHE": cache}, admin, user, args)
 
 
 if __name__ == "__main__":
