@@ -3,7 +3,8 @@
 Seeds 10,000 policies and 20,000 attached instances, serves the app with uvicorn (one
 process), and runs wrk (Debian package) at 32 connections against: the policy list as an
 admin, as a user, and /api/v1/health (no database) — the reference. Prints requests/s, p99
-latency and the ratios; twice: with the read cache (as served) and without it.
+latency and the ratios; three times: with the read cache (as served), with it while
+another connection edits policies, and without it.
 Run by hand:  .venv/bin/python bench/api_bench.py [--duration 15]
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -125,7 +128,37 @@ def wrk(url: str, token: str | None, duration: int, connections: int) -> tuple[f
     return rps, value
 
 
-def measure(env: dict[str, str], admin: str, user: str, args: argparse.Namespace) -> None:
+class Writer(threading.Thread):
+    """Edits random policies (as the tick and other users do) at a steady rate, so the read
+    cache is measured while notifications keep retiring pages."""
+
+    def __init__(self, per_second: float) -> None:
+        super().__init__(daemon=True)
+        self.per_second = per_second
+        self.stop = threading.Event()
+        self.writes = 0
+
+    def run(self) -> None:
+        asyncio.run(self._write())
+
+    async def _write(self) -> None:
+        conn = await asyncpg.connect(f"{PG}/{DB}")
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM backup_policies")]
+        rng = random.Random(1)
+        while not self.stop.is_set():
+            await conn.execute(
+                "UPDATE backup_policies SET next_run_at = next_run_at + interval '1 minute'"
+                " WHERE id = $1",
+                rng.choice(ids),
+            )
+            self.writes += 1
+            await asyncio.sleep(1 / self.per_second)
+        await conn.close()
+
+
+def measure(
+    env: dict[str, str], admin: str, user: str, args: argparse.Namespace, writes: float = 0
+) -> None:
     """Serve the app with `env`, wrk each target, print the table (ratios against /health)."""
     server = subprocess.Popen(
         [
@@ -159,9 +192,16 @@ def measure(env: dict[str, str], admin: str, user: str, args: argparse.Namespace
         ]
         for _, url, token in targets:  # warm-up
             wrk(url, token, 2, args.connections)
+        writer = Writer(writes) if writes else None
+        if writer:
+            writer.start()
         results = {
             name: wrk(url, token, args.duration, args.connections) for name, url, token in targets
         }
+        if writer:
+            writer.stop.set()
+            writer.join()
+            print(f"({writer.writes} policy edits by another connection during the run)")
         ref_rps = results["bare /health (reference)"][0]
         print(f"{'target':32} {'req/s':>9} {'p99 ms':>8} {'ratio':>6}")
         for name, (rps, p99) in results.items():
@@ -175,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--writes", type=float, default=20, help="policy edits/s, second run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -184,11 +225,15 @@ def main() -> None:
         "IBP_DATABASE_URL": f"{PG.replace('postgresql://', 'postgresql+asyncpg://')}/{DB}",
         "IBP_DB_POOL_SIZE": "20",
     }
-    # As served (the read cache on: repeated pages come from memory), then every request
-    # answered from PostgreSQL (IBP_READ_CACHE=false): two prepared statements per request.
-    for cache in ("true", "false"):
-        print(f"\nIBP_READ_CACHE={cache}")
-        measure({**env, "IBP_READ_CACHE": cache}, admin, user, args)
+    # As served (the read cache on: repeated pages come from memory); the same while another
+    # connection edits policies (each edit retires the admin's cached pages); then every
+    # request answered from PostgreSQL (IBP_READ_CACHE=false): two prepared statements each.
+    print("\nIBP_READ_CACHE=true")
+    measure({**env, "IBP_READ_CACHE": "true"}, admin, user, args)
+    print(f"\nIBP_READ_CACHE=true, {args.writes:g} policy edits/s elsewhere")
+    measure({**env, "IBP_READ_CACHE": "true"}, admin, user, args, writes=args.writes)
+    print("\nIBP_READ_CACHE=false")
+    measure({**env, "IBP_READ_CACHE": "false"}, admin, user, args)
 
 
 if __name__ == "__main__":
