@@ -1,9 +1,13 @@
 """In-process caches of the hottest reads, kept true by the database's change notifications.
 
 What is cached: who a bearer token is (`Principal`), and policy-list pages. Triggers
-(migration 0004) NOTIFY channel `ibp_changes` when a transaction that changes what these hold
-commits, from any writer: `o:<owner id>` when an owner's policy list changes, `t` when tokens
-or roles do. One LISTEN connection per process (`follow_changes`) applies them.
+(migrations 0004, 0005) NOTIFY channel `ibp_changes` when a transaction that changes what these
+hold commits, from any writer: `o:<owner id>` when which policies an owner's list holds may
+change (a policy created, deleted, moved to another owner or paused/resumed; the owner's
+timezone), `p:<policy id>` when only what one listed policy shows changes (an edit, its next
+run, an instance attached), `t` when tokens or roles do. One LISTEN connection per process
+(`follow_changes`) applies them. A `p:` retires only the pages that hold that policy, so the
+tick advancing `next_run_at` here and there does not empty an admin's cache.
 
 The rules that keep a cached answer from ever being older than what it replaced:
 - Nothing is cached while the LISTEN connection is down, and everything is dropped whenever it
@@ -35,10 +39,18 @@ log = logging.getLogger(__name__)
 CHANNEL = "ibp_changes"
 MAX_PAGES = 256  # a 50-item page is ~30 KB: a few MB at most
 MAX_TOKENS = 10_000
+MAX_POLICY_MARKS = 100_000  # policies changed since the last reset; beyond it, reset
 PING_SECONDS = 10.0
 FEED_APPLICATION_NAME = "ibp-change-feed"  # how operators spot it in pg_stat_activity
 
-Tag = tuple[int, int]
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    """Taken before a page's query: what the page may have missed is any change after it."""
+
+    epoch: int
+    generation: int
+    owner: str | None  # whose pages: one owner's, or everyone's (None)
 
 
 @dataclass(slots=True)
@@ -53,15 +65,18 @@ class ReadCache:
     def __init__(self) -> None:
         self.live = False
         self._epoch = 0  # bumped by reset(): every earlier tag is dead
-        self._generation = 0  # bumped by every owner change
-        self._owners: dict[str, int] = {}  # owner id -> generation of its last change
+        self._generation = 0  # bumped by every page change
+        self._owners: dict[str, int] = {}  # owner id -> generation of its last list change
+        self._any_owner = 0  # generation of the last list change of any owner
+        self._policies: dict[str, int] = {}  # policy id -> generation of its last change
         self._token_generation = 0
         self._tokens: dict[str, CachedToken] = {}
-        self._pages: dict[Hashable, tuple[Tag, bytes]] = {}
+        self._pages: dict[Hashable, tuple[Tag, tuple[str, ...], bytes]] = {}
 
     def reset(self) -> None:
         self._epoch += 1
         self._owners.clear()
+        self._policies.clear()
         self._pages.clear()
         self._drop_tokens()
 
@@ -73,30 +88,46 @@ class ReadCache:
         """Apply one notification."""
         if payload == "t":
             self._drop_tokens()
+        elif payload.startswith("p:"):
+            if len(self._policies) >= MAX_POLICY_MARKS:
+                self.reset()
+            self._generation += 1
+            self._policies[payload[2:]] = self._generation
         elif payload.startswith("o:"):
             self._generation += 1
-            self._owners[payload[2:]] = self._generation
+            self._owners[payload[2:]] = self._any_owner = self._generation
         else:  # unknown: be safe
             self.reset()
 
     # Pages -------------------------------------------------------------------------------
 
     def tag(self, owner_id: str | None) -> Tag | None:
-        """The tag of pages that hold one owner's rows, or everyone's (None); None: no cache."""
-        if not self.live:
+        """Take before querying a page of one owner's rows, or everyone's (None).
+        None: the cache is not live, do not keep the page."""
+        return Tag(self._epoch, self._generation, owner_id) if self.live else None
+
+    def page(self, key: Hashable) -> bytes | None:
+        """The page kept under `key`, unless a change it may have missed has arrived since."""
+        entry = self._pages.get(key) if self.live else None
+        if entry is None:
             return None
-        if owner_id is None:
-            return (self._epoch, self._generation)
-        return (self._epoch, self._owners.get(owner_id, 0))
+        tag, ids, body = entry
+        if tag.epoch != self._epoch:
+            return None
+        owner = self._any_owner if tag.owner is None else self._owners.get(tag.owner, 0)
+        if owner > tag.generation:
+            return None
+        if self._policies:
+            marks = self._policies
+            if any(marks.get(policy_id, 0) > tag.generation for policy_id in ids):
+                return None
+        return body
 
-    def page(self, key: Hashable, tag: Tag) -> bytes | None:
-        entry = self._pages.get(key)
-        return entry[1] if entry is not None and entry[0] == tag else None
-
-    def keep_page(self, key: Hashable, tag: Tag, body: bytes) -> None:
+    def keep_page(self, key: Hashable, tag: Tag, ids: tuple[str, ...], body: bytes) -> None:
+        """Keep a page queried after `tag` was taken; `ids`: the policies it shows."""
         if self._pages.pop(key, None) is None and len(self._pages) >= MAX_PAGES:
             del self._pages[next(iter(self._pages))]  # the oldest
-        self._pages[key] = (tag, body)
+        self._pages[key] = (tag, ids, body)
 
     # Tokens ------------------------------------------------------------------------------
 

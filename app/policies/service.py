@@ -137,13 +137,14 @@ async def list_policies_json(
     PostgreSQL has already typed; each item carries exactly PolicyRead's fields (a test holds
     every item equal to the single read). The total rides along as an uncorrelated subquery
     that PostgreSQL computes once; an empty page (offset past the end) asks for it separately.
-    A user's pages are tagged with their own changes, an admin's with everyone's (app.cache).
+    A user's pages are retired by their own list's changes, an admin's by everyone's, and both
+    by a change to a policy they show (app.cache).
     """
     own = not user.is_admin
     key = (user.id if own else None, owner_id, status, page.limit, page.offset)
-    tag = reads.cache.tag(str(user.id) if own else None)
-    if tag is not None and (cached := reads.cache.page(key, tag)) is not None:
+    if (cached := reads.cache.page(key)) is not None:
         return cached
+    tag = reads.cache.tag(str(user.id) if own else None)
     page_sql, count_sql = _page_sql(own, owner_id is not None, status is not None)
     filters = [value for value in (user.id if own else None, owner_id, status) if value is not None]
     conn = await reads.connection()
@@ -158,7 +159,7 @@ async def list_policies_json(
         }
     )
     if tag is not None:
-        reads.cache.keep_page(key, tag, body)
+        reads.cache.keep_page(key, tag, tuple(row["id"] for row in rows), body)
     return body
 
 

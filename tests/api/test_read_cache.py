@@ -128,6 +128,34 @@ async def test_list_pages_are_cached_and_follow_every_writer(
         await _sql(settings, "UPDATE users SET timezone = 'Asia/Tokyo' WHERE id = $1", owner.id)
         await _until(in_tokyo, "the owner's new timezone is shown")
 
+        # A change to one policy retires only the pages that show it: the admin's first page
+        # (only `theirs`, the newest) survives an edit of `policy`, shown on the second.
+        async def admin_page(offset: int, status: str | None = None) -> dict[str, Any]:
+            query = {"limit": 1, "offset": offset} | ({"status": status} if status else {})
+            response = await client.get("/backup-policies", headers=admin_headers, params=query)
+            return response.json()  # type: ignore[no-any-return]
+
+        assert (await admin_page(0))["items"][0]["id"] == str(theirs.id)
+        assert (await admin_page(1))["items"][0]["id"] == str(policy.id)
+        await _sql(settings, rename, theirs.id, "silent", silent=True)
+        await _sql(settings, rename, policy.id, "edited elsewhere")
+
+        async def edited() -> bool:
+            return (await admin_page(1))["items"][0]["name"] == "edited elsewhere"
+
+        await _until(edited, "the edit is listed on the page that shows the policy")
+        assert (await admin_page(0))["items"][0]["name"] != "silent"
+
+        # A change that moves a policy into a filtered page retires the pages it may join.
+        assert (await admin_page(0, "paused"))["total"] == 0
+        pause = "UPDATE backup_policies SET status = 'paused' WHERE id = $1"
+        await _sql(settings, pause, policy.id)
+
+        async def paused() -> bool:
+            return (await admin_page(0, "paused"))["total"] == 1
+
+        await _until(paused, "the paused policy joins the paused page")
+
         async def one_left() -> bool:
             return (await everyone())["total"] == 1
 
