@@ -9,7 +9,7 @@ from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    api = APIRouter(prefix=API_PREFIX)
+    # Each router straight into the app: FastAPI matches a request against every level of
+    # nesting more than once, so one level less is a cheaper request for every endpoint.
     for router in (
         auth_router,
         tokens_router,
@@ -106,13 +107,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         backups_router,
         restores_router,
     ):
-        api.include_router(router)
+        app.include_router(router, prefix=API_PREFIX)
 
-    @api.get("/health", tags=["health"], name="get", summary="Liveness (no database access)")
+    @app.get(
+        f"{API_PREFIX}/health", tags=["health"], name="get", summary="Liveness (no database access)"
+    )
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(api)
     _document_problems(app)
     return app
 
