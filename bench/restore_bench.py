@@ -5,7 +5,7 @@
 Needs root and libvirtd (started by scripts/start-libvirtd.sh if not running). Builds a VM
 ``ibp-test-bench-...`` whose disk is ~90% random data, takes a full and 3 incrementals (each
 after rewriting ~1% of the disk) with app.virt.run_backup, and stores them with the local driver
-in the service's layout. Then, alternately, ``rounds`` times:
+in the service's layout. Then ``rounds`` times, each side first in every other round:
 
 - restore: a fresh process runs app.backups.chain_fetch.rebuild (fetch through the driver, sha256
   of every file against the catalog, convert of the newest file, qemu-img check) into a new disk,
@@ -185,31 +185,41 @@ def main() -> int:
         hash_times: list[float] = []
         for i in range(args.rounds):
             out = work / f"restored-{i}.qcow2"
-            os.sync()
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", str(catalog_path), str(work / "w"), str(out)],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            result = json.loads(proc.stdout.strip().splitlines()[-1])
-            restore_times.append(result["seconds"])
-            durable_restore.append(result["durable"])
-            rss.append(result["rss"])
-            kids.append(result["children_rss"])
+            ref = work / f"reference-{i}.qcow2"
+
+            def restore(out: Path = out) -> None:
+                child = [sys.executable, __file__, "--child", str(catalog_path), str(work / "w")]
+                os.sync()
+                proc = subprocess.run(
+                    [*child, str(out)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                restore_times.append(result["seconds"])
+                durable_restore.append(result["durable"])
+                rss.append(result["rss"])
+                kids.append(result["children_rss"])
+
+            def reference(ref: Path = ref) -> None:
+                os.sync()
+                t0 = time.perf_counter()
+                subprocess.run(
+                    ["qemu-img", "convert", "-O", "qcow2", str(newest), str(ref)], check=True
+                )
+                convert_times.append(time.perf_counter() - t0)
+                fsync_path(ref)
+                durable_convert.append(time.perf_counter() - t0)
+
+            # Each side goes first every other round: what one leaves behind (writeback,
+            # discards of deleted files, page cache to refill) lands on both alike.
+            for side in (restore, reference) if i % 2 == 0 else (reference, restore):
+                side()
             t0 = time.perf_counter()
             for m in catalog["members"]:
                 sha256_of(storage / m["key"])
             hash_times.append(time.perf_counter() - t0)
-            ref = work / f"reference-{i}.qcow2"
-            os.sync()
-            t0 = time.perf_counter()
-            subprocess.run(
-                ["qemu-img", "convert", "-O", "qcow2", str(newest), str(ref)], check=True
-            )
-            convert_times.append(time.perf_counter() - t0)
-            fsync_path(ref)
-            durable_convert.append(time.perf_counter() - t0)
             same = subprocess.run(["qemu-img", "compare", str(out), str(ref)], check=False)
             assert same.returncode == 0, "restored image differs from the reference"
             print(
