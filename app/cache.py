@@ -17,14 +17,16 @@ The rules that keep a cached answer from ever being older than what it replaced:
 - A request of this process that may write (not GET or HEAD) drops everything once it has
   committed: a client reads its own writes at once. Writes by other processes (the worker,
   other API processes) are seen when their notification arrives: milliseconds.
+- Requests that miss a page while another request is reading it wait for that read, then take
+  the page only if it passes the same checks as any cached page; otherwise they read it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable
-from contextlib import suppress
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -72,6 +74,7 @@ class ReadCache:
         self._token_generation = 0
         self._tokens: dict[str, CachedToken] = {}
         self._pages: dict[Hashable, tuple[Tag, tuple[str, ...], bytes]] = {}
+        self._flights: dict[Hashable, asyncio.Event] = {}  # pages being read, by key
 
     def reset(self) -> None:
         self._epoch += 1
@@ -128,6 +131,24 @@ class ReadCache:
         if self._pages.pop(key, None) is None and len(self._pages) >= MAX_PAGES:
             del self._pages[next(iter(self._pages))]  # the oldest
         self._pages[key] = (tag, ids, body)
+
+    def flight(self, key: Hashable) -> asyncio.Event | None:
+        """Set when the read of page `key` now under way ends (None: none is)."""
+        return self._flights.get(key)
+
+    @contextmanager
+    def leading(self, key: Hashable) -> Iterator[None]:
+        """Mark page `key` as being read for the duration, so that requests for it that miss
+        meanwhile wait for this read instead of all asking the database (a page retired under
+        32 concurrent readers would otherwise cost 32 identical queries at once)."""
+        event = asyncio.Event()
+        self._flights[key] = event
+        try:
+            yield
+        finally:
+            if self._flights.get(key) is event:
+                del self._flights[key]
+            event.set()
 
     # Tokens ------------------------------------------------------------------------------
 

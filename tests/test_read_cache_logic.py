@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from app.auth.service import Principal
 from app.cache import MAX_PAGES, MAX_POLICY_MARKS, CachedToken, ReadCache, Tag
 
@@ -116,3 +118,30 @@ def test_pages_are_bounded_oldest_out() -> None:
         cache.keep_page(n, tag, (), b"x")
     assert cache.page(0) is None
     assert cache.page(1) == b"x" and cache.page(MAX_PAGES) == b"x"
+
+
+def test_a_page_being_read_is_announced_and_released_however_the_read_ends() -> None:
+    cache = _live()
+    assert cache.flight("page") is None
+    tag = cache.tag("a")
+    assert tag is not None
+    with cache.leading("page"):
+        flight = cache.flight("page")
+        assert flight is not None and not flight.is_set()  # others wait for this read
+        cache.keep_page("page", tag, ("a1",), b"read")
+    assert flight.is_set() and cache.flight("page") is None
+    assert cache.page("page") == b"read"  # what the waiters then take
+
+    # A change notified during the read: the waiters find no page and read it themselves.
+    tag = cache.tag("a")
+    assert tag is not None
+    with cache.leading("other"):
+        cache.changed("p:a1")
+        cache.keep_page("other", tag, ("a1",), b"maybe older")
+    assert cache.page("other") is None
+
+    # A read that fails (or whose client went away) still releases its waiters.
+    with pytest.raises(RuntimeError), cache.leading("failing"):
+        flight = cache.flight("failing")
+        raise RuntimeError("database gone")
+    assert flight is not None and flight.is_set() and cache.flight("failing") is None

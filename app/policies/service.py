@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -13,6 +14,7 @@ from sqlalchemy import Select, Uuid, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import Principal
+from app.cache import Tag
 from app.db import Reads
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
@@ -142,9 +144,28 @@ async def list_policies_json(
     """
     own = not user.is_admin
     key = (user.id if own else None, owner_id, status, page.limit, page.offset)
-    if (cached := reads.cache.page(key)) is not None:
+    cache = reads.cache
+    if (cached := cache.page(key)) is not None:
         return cached
-    tag = reads.cache.tag(str(user.id) if own else None)
+    if (flight := cache.flight(key)) is not None:  # being read: wait for it, then check it
+        await flight.wait()
+        if (cached := cache.page(key)) is not None:
+            return cached
+    tag = cache.tag(str(user.id) if own else None)
+    with cache.leading(key) if tag is not None else nullcontext():
+        return await _read_page(reads, tag, key, own, user, owner_id, status, page)
+
+
+async def _read_page(
+    reads: Reads,
+    tag: Tag | None,
+    key: Hashable,
+    own: bool,
+    user: Principal,
+    owner_id: uuid.UUID | None,
+    status: str | None,
+    page: PageParams,
+) -> bytes:
     page_sql, count_sql = _page_sql(own, owner_id is not None, status is not None)
     filters = [value for value in (user.id if own else None, owner_id, status) if value is not None]
     conn = await reads.connection()

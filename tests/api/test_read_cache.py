@@ -18,12 +18,13 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.cache import FEED_APPLICATION_NAME
 from app.config import Settings
-from app.db import asyncpg_dsn
+from app.db import Reads, asyncpg_dsn
 from app.main import create_app
 from tests.factories import (
     auth_headers,
@@ -270,3 +271,45 @@ async def test_without_its_change_feed_the_cache_steps_aside(
             return await name() == "after"
 
         await _until(after, "notifications flow again")
+
+
+async def test_concurrent_misses_of_one_page_ask_the_database_once(
+    committed_engine: AsyncEngine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    maker = async_sessionmaker(committed_engine, expire_on_commit=False)
+    async with maker() as session:
+        owner = await create_user(session)
+        for n in range(3):
+            await create_policy(session, owner, name=f"p{n}")
+        headers = await auth_headers(session, owner)
+        await session.commit()
+    reads = []  # every read connection a request takes (a cache hit or a wait takes none)
+    connection = Reads.connection
+
+    async def counted(self: Reads) -> asyncpg.Connection:
+        reads.append(self)
+        return await connection(self)
+
+    monkeypatch.setattr(Reads, "connection", counted)
+
+    async with _served(settings) as (_, client):
+        warm = await client.get("/backup-policies", headers=headers, params={"limit": 1})
+        assert warm.status_code == 200  # the token is cached; the page below is not
+
+        async def burst() -> list[int]:
+            responses = await asyncio.gather(
+                *(
+                    client.get("/backup-policies", headers=headers, params={"limit": 2})
+                    for _ in range(20)
+                )
+            )
+            assert all(r.status_code == 200 for r in responses)
+            assert all(r.json() == responses[0].json() for r in responses)
+            return [len(r.json()["items"]) for r in responses]
+
+        reads.clear()
+        assert await burst() == [2] * 20
+        assert len(reads) == 1
+        reads.clear()
+        assert await burst() == [2] * 20
+        assert reads == []  # and then it is cached
