@@ -153,19 +153,19 @@ async def list_policies_json(
             return cached
     tag = cache.tag(str(user.id) if own else None)
     with cache.leading(key) if tag is not None else nullcontext():
-        return await _read_page(reads, tag, key, own, user, owner_id, status, page)
+        return await _read_page(reads, tag, key, user, owner_id, status, page)
 
 
 async def _read_page(
     reads: Reads,
     tag: Tag | None,
     key: Hashable,
-    own: bool,
     user: Principal,
     owner_id: uuid.UUID | None,
     status: str | None,
     page: PageParams,
 ) -> bytes:
+    own = not user.is_admin
     page_sql, count_sql = _page_sql(own, owner_id is not None, status is not None)
     filters = [value for value in (user.id if own else None, owner_id, status) if value is not None]
     conn = await reads.connection()
