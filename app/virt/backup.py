@@ -17,7 +17,7 @@ from app.virt._conn import Domain, error_code, error_text, open_domain
 from app.virt.checkpoints import checkpoint_disks, checkpoint_names, delete_on_domain
 from app.virt.domains import require_running, xml_disks
 from app.virt.errors import BackupAborted, CheckpointBroken, DiskBusy, VirtError
-from app.virt.images import wait_unlocked
+from app.virt.images import create_full_target, wait_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,13 @@ def _preflight(
     return [d.target for d in disks if d.device in ("disk", "lun")]
 
 
+def _capacity(dom: Domain, target: str) -> int:
+    try:
+        return int(dom.blockInfo(target)[0])
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"Cannot read the size of disk {target}: {error_text(exc)}") from exc
+
+
 def _remove(paths: list[Path]) -> None:
     for p in paths:
         try:
@@ -202,8 +209,13 @@ def run_backup(
         cxml = checkpoint_xml(all_targets, targets, checkpoint)
         started = False
         try:
+            flags = 0
+            if incremental_from is None:
+                for t, p in files.items():
+                    create_full_target(p, _capacity(dom, t))
+                flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
             try:
-                dom.backupBegin(bxml, cxml, 0)
+                dom.backupBegin(bxml, cxml, flags)
             except libvirt.libvirtError as exc:
                 text = error_text(exc)
                 if error_code(exc) == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT or _broken(text):

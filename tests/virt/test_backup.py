@@ -114,6 +114,33 @@ def test_full_then_incrementals_restore_every_point(vm: vmkit.VM, tmp_path: Path
     assert_same(storage / "cp2" / "vda.qcow2", snaps / "2-vda.raw")
 
 
+def test_full_backup_of_a_disk_larger_than_its_first_l2_tables(
+    make_vm: vmkit.VMFactory, tmp_path: Path
+) -> None:
+    """A full backup's target is made by us with its tables in place (more than one here:
+    one per 512 MiB); data on each side of their edges and at the very end comes back whole.
+    """
+    size = 3 * 1024 * MiB
+    vm = make_vm("wide", [("vda", size)])
+    for byte, offset in [(0x61, 0), (0x62, 512 * MiB - 64 * 1024), (0x63, 2 * 1024 * MiB)]:
+        vmkit.write_pattern(vm.name, "vda", byte, offset, 128 * 1024)
+    vmkit.write_pattern(vm.name, "vda", 0x64, size - MiB, MiB)
+    snap = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "at-backup.raw")
+    (full,) = run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "wide-0", None)
+    check_image(full.path)
+    assert data_bytes(full.path) == 3 * 128 * 1024 + MiB
+    store([full], tmp_path / "storage", "wide-0", None)
+    assert_same(restore(tmp_path / "storage", ["wide-0"], "vda", tmp_path / "r"), snap)
+    # The chain goes on from it as from any full.
+    vmkit.write_pattern(vm.name, "vda", 0x65, 1024 * MiB, 64 * 1024)
+    snap = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "at-inc.raw")
+    (inc,) = run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "wide-1", "wide-0")
+    assert data_bytes(inc.path) == 64 * 1024
+    store([inc], tmp_path / "storage", "wide-1", "wide-0")
+    restored = restore(tmp_path / "storage", ["wide-0", "wide-1"], "vda", tmp_path / "r1")
+    assert_same(restored, snap)
+
+
 def test_selecting_only_vda_backs_up_only_vda(vm: vmkit.VM, tmp_path: Path) -> None:
     scratch = _backup(vm, tmp_path, "only-a", None, ["vda"])
     assert [f.target for f in scratch] == ["vda"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from app.virt import VirtError, check_image, compare_images, image_info, rebase_onto, rebuild_chain
-from app.virt.images import data_bytes, wait_unlocked
+from app.virt.images import create_full_target, data_bytes, wait_unlocked
 
 MiB = 1024 * 1024
 
@@ -80,3 +81,28 @@ def test_errors_are_explained(tmp_path: Path) -> None:
 
 def test_wait_unlocked_returns_for_a_free_file(tmp_path: Path) -> None:
     wait_unlocked(_img(tmp_path / "free.qcow2"), timeout=1)
+
+
+def test_full_target_is_all_zero_clusters_with_its_tables_made(tmp_path: Path) -> None:
+    size = 5 * 1024 * MiB + 512  # more than one qemu-io request, and not a whole cluster
+    target = tmp_path / "full.qcow2"
+    create_full_target(target, size)
+    info = image_info(target)
+    assert info["virtual-size"] == size
+    assert "backing-filename" not in info
+    check_image(target)
+    extents = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(target)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    # One extent: every byte is a zero cluster (not merely unallocated), nothing holds data.
+    assert [(e["start"], e["length"], e["zero"], e["data"]) for e in extents] == [
+        (0, size, True, False)
+    ]
+    assert data_bytes(target) == 0
+    # Eleven L2 tables (one per 512 MiB) and little else: no data cluster was written.
+    assert 11 * 64 * 1024 <= target.stat().st_size < 2 * MiB
