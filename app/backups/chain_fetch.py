@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import virt
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import BackupStorageDriver, ObjectNotFound, validate_key
-from app.storage.pipeline import sha256_of
+from app.storage.files import fsync_path
+from app.storage.pipeline import sha256_of, start_writeback
 from app.virt.images import LONG_TIMEOUT, run_qemu_img
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
@@ -244,27 +246,48 @@ async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
             raise ChainError(f"{bad}: sha256 mismatch: the stored file is corrupt", member.id)
 
 
-def _convert(newest: Path, out: Path, out_format: str) -> None:
+# While qemu-img writes an output that must end on disk, its writeback is started this often.
+WRITEBACK_PERIOD = 0.1
+
+
+def _convert(newest: Path, out: Path, out_format: str, durable: bool) -> None:
     # -W: out-of-order writes; the output is a fresh file nobody reads until it is complete.
-    # -t none: write it past the page cache. The restore fsyncs it before use anyway, and the
-    # CPU that filling the cache would take is what the hashes running beside it need.
-    cache = ["-t", "none"] if direct_io_supported(out.parent) else []
-    run_qemu_img(
-        ["convert", "-W", *cache, "-O", out_format, str(newest), str(out)], timeout=LONG_TIMEOUT
-    )
-
-
-def direct_io_supported(directory: Path) -> bool:
-    """Whether files in ``directory`` can be opened with O_DIRECT (not all filesystems can)."""
-    flags = getattr(os, "O_TMPFILE", 0) | getattr(os, "O_DIRECT", 0)
-    if not (hasattr(os, "O_TMPFILE") and hasattr(os, "O_DIRECT")):
-        return False
+    # -t unsafe: through the page cache and never flushed, as a plain convert does. A durable
+    # output is fsynced once at the end, its writeback started while qemu-img still writes, so
+    # the disk and the convert (and the hashes beside it) work at the same time. Written past
+    # the cache (-t none) instead, the convert alone took 1.3-1.5x as long as
+    # convert-then-fsync on these VMs.
+    stop = threading.Event()
+    pump = threading.Thread(target=_write_back_until, args=(out, stop), name="ibp-writeback")
+    if durable:
+        pump.start()
     try:
-        fd = os.open(directory, flags | os.O_WRONLY, 0o600)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
+        run_qemu_img(
+            ["convert", "-W", "-t", "unsafe", "-O", out_format, str(newest), str(out)],
+            timeout=LONG_TIMEOUT,
+        )
+    finally:
+        stop.set()
+        if durable:
+            pump.join()
+    if durable:
+        fsync_path(out)
+
+
+def _write_back_until(path: Path, stop: threading.Event) -> None:
+    """Keep asking the kernel to start writing out what is written to ``path`` so far."""
+    fd: int | None = None
+    try:
+        while not stop.wait(WRITEBACK_PERIOD):
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # qemu-img has not created it yet
+                    continue
+            start_writeback(fd, 0, 0)  # 0, 0: the whole file, without waiting for it
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _check_backing(plan: ChainPlan, work_dir: Path) -> None:
@@ -295,12 +318,14 @@ async def rebuild(
     outputs: Mapping[str, Path],
     formats: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    *,
+    durable: bool = False,
 ) -> None:
     """Fetch the chain and write each disk's standalone image to ``outputs[target]``.
 
     Every output exists, passed ``qemu-img check`` and comes from hash-checked files when this
-    returns; on any failure no output is left behind. ``progress`` gets (done, total) in
-    abstract units: download bytes, then the conversion.
+    returns, and is on disk (fsynced) if ``durable``; on any failure no output is left behind.
+    ``progress`` gets (done, total) in abstract units: download bytes, then the conversion.
     """
     total = plan.total_bytes * 2
     report = progress or (lambda done, whole: None)
@@ -317,7 +342,7 @@ async def rebuild(
                 out = outputs[target]
                 await asyncio.to_thread(out.unlink, True)
                 fmt = (formats or {}).get(target, "qcow2")
-                await asyncio.to_thread(_convert, newest, out, fmt)
+                await asyncio.to_thread(_convert, newest, out, fmt, durable)
                 report(plan.total_bytes + plan.total_bytes * (i + 1) // len(plan.disks), total)
         except BaseException as exc:
             # A corrupt file makes qemu-img fail too: the hash mismatch is the better reason.

@@ -243,12 +243,3 @@ async def test_a_backup_does_not_start_while_a_restore_runs(
     async with maker() as session:
         policy = await session.get(BackupPolicy, world.policy.id)
         assert policy is not None and policy.status == "error"
-
-
-def test_restored_images_are_written_direct_only_where_the_filesystem_allows(
-    tmp_path: Path,
-) -> None:
-    from app.backups.chain_fetch import direct_io_supported
-
-    assert direct_io_supported(tmp_path)  # ext4: qemu-img writes with -t none
-    assert not direct_io_supported(Path("/proc"))  # no O_DIRECT: the default cache mode

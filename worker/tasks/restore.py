@@ -234,6 +234,13 @@ def _replace(placement: Placement) -> None:
     fsync_path(placement.final.parent)
 
 
+def _place_new(placement: Placement) -> None:
+    """Name a new disk's image; on disk (image, then name) before we report success."""
+    fsync_path(placement.partial)
+    os.replace(placement.partial, placement.final)
+    fsync_path(placement.final.parent)
+
+
 async def _execute(ctx: WorkerContext, work: Work) -> str:
     uri, domain = work.hypervisor.libvirt_uri, work.instance.domain_name
     in_place = work.restore.target == "in_place"
@@ -258,6 +265,7 @@ async def _execute(ctx: WorkerContext, work: Work) -> str:
             {t: p.partial for t, p in placements.items()},
             {t: p.format for t, p in placements.items()},
             progress,
+            durable=True,
         )
         if in_place:
             await _require_shut_off(uri, domain)  # nobody started it while we rebuilt
@@ -265,8 +273,7 @@ async def _execute(ctx: WorkerContext, work: Work) -> str:
             if in_place:
                 await asyncio.to_thread(_replace, placement)
             else:
-                await asyncio.to_thread(fsync_path, placement.partial)
-                await asyncio.to_thread(os.replace, placement.partial, placement.final)
+                await asyncio.to_thread(_place_new, placement)
     finally:
         await driver.close()
         for placement in placements.values():
