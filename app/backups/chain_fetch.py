@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import threading
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +33,9 @@ from app import virt
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import BackupStorageDriver, ObjectNotFound, validate_key
 from app.storage.files import fsync_path
-from app.storage.pipeline import sha256_of, start_writeback
+from app.storage.pipeline import sha256_of
 from app.virt.images import LONG_TIMEOUT, run_qemu_img
+from app.writeback import written_back
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
@@ -246,10 +246,6 @@ async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
             raise ChainError(f"{bad}: sha256 mismatch: the stored file is corrupt", member.id)
 
 
-# While qemu-img writes an output that must end on disk, its writeback is started this often.
-WRITEBACK_PERIOD = 0.1
-
-
 def _convert(newest: Path, out: Path, out_format: str, durable: bool) -> None:
     # -W: out-of-order writes; the output is a fresh file nobody reads until it is complete.
     # -t unsafe: through the page cache and never flushed, as a plain convert does. A durable
@@ -257,37 +253,13 @@ def _convert(newest: Path, out: Path, out_format: str, durable: bool) -> None:
     # the disk and the convert (and the hashes beside it) work at the same time. Written past
     # the cache (-t none) instead, the convert alone took 1.3-1.5x as long as
     # convert-then-fsync on these VMs.
-    stop = threading.Event()
-    pump = threading.Thread(target=_write_back_until, args=(out, stop), name="ibp-writeback")
-    if durable:
-        pump.start()
-    try:
-        run_qemu_img(
-            ["convert", "-W", "-t", "unsafe", "-O", out_format, str(newest), str(out)],
-            timeout=LONG_TIMEOUT,
-        )
-    finally:
-        stop.set()
-        if durable:
-            pump.join()
-    if durable:
-        fsync_path(out)
-
-
-def _write_back_until(path: Path, stop: threading.Event) -> None:
-    """Keep asking the kernel to start writing out what is written to ``path`` so far."""
-    fd: int | None = None
-    try:
-        while not stop.wait(WRITEBACK_PERIOD):
-            if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:  # qemu-img has not created it yet
-                    continue
-            start_writeback(fd, 0, 0)  # 0, 0: the whole file, without waiting for it
-    finally:
-        if fd is not None:
-            os.close(fd)
+    cmd = ["convert", "-W", "-t", "unsafe", "-O", out_format, str(newest), str(out)]
+    if not durable:
+        run_qemu_img(cmd, timeout=LONG_TIMEOUT)
+        return
+    with written_back([out]):
+        run_qemu_img(cmd, timeout=LONG_TIMEOUT)
+    fsync_path(out)
 
 
 def _check_backing(plan: ChainPlan, work_dir: Path) -> None:

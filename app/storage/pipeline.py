@@ -18,8 +18,6 @@ Memory: ``DEPTH`` buffers of ``CHUNK`` bytes, whatever the file's size.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -31,36 +29,15 @@ from io import RawIOBase
 from typing import TypeVar
 
 from app.storage.base import PutResult, Sha256Counter
+from app.writeback import start_writeback
 
 CHUNK = 8 * 1024 * 1024
 DEPTH = 4
 WRITEBACK_EVERY = 64 * 1024 * 1024  # start writeback of each 64 MiB once it is written
 
-_SYNC_FILE_RANGE_WRITE = 2
 _ALIGN = 4096  # O_DIRECT block alignment that every Linux filesystem accepts
 
 T = TypeVar("T")
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    sync_file_range: Callable[[int, int, int, int], int] = fn
-    return sync_file_range
-
-
-_sync_file_range = _load_sync_file_range()
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk, without waiting (best effort)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class _Writer:
