@@ -72,7 +72,8 @@ def create_full_target(path: Path, size: int) -> None:
     commands: list[str] = []
     for offset in range(0, size, _ZERO_STEP):
         commands += ["-c", f"write -z {offset} {min(_ZERO_STEP, size - offset)}"]
-    _run(QEMU_IO, "qemu-io write -z", ["-f", "qcow2", *commands, str(path)], SHORT_TIMEOUT)
+    # About 5 s per TiB here: L2 tables take 128 MiB per TiB of disk.
+    _run(QEMU_IO, "qemu-io write -z", ["-f", "qcow2", *commands, str(path)], LONG_TIMEOUT)
 
 
 def image_info(path: Path) -> dict[str, Any]:
