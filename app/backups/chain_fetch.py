@@ -254,12 +254,10 @@ def _convert(newest: Path, out: Path, out_format: str, durable: bool) -> None:
     # the cache (-t none) instead, the convert alone took 1.3-1.5x as long as
     # convert-then-fsync on these VMs.
     cmd = ["convert", "-W", "-t", "unsafe", "-O", out_format, str(newest), str(out)]
-    if not durable:
+    with written_back([out]) if durable else contextlib.nullcontext():
         run_qemu_img(cmd, timeout=LONG_TIMEOUT)
-        return
-    with written_back([out]):
-        run_qemu_img(cmd, timeout=LONG_TIMEOUT)
-    fsync_path(out)
+    if durable:
+        fsync_path(out)
 
 
 def _check_backing(plan: ChainPlan, work_dir: Path) -> None:

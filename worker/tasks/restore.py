@@ -235,8 +235,8 @@ def _replace(placement: Placement) -> None:
 
 
 def _place_new(placement: Placement) -> None:
-    """Name a new disk's image; on disk (image, then name) before we report success."""
-    fsync_path(placement.partial)
+    """Name a new disk's image (already on disk: rebuilt durable), and make the name durable
+    before we report success."""
     os.replace(placement.partial, placement.final)
     fsync_path(placement.final.parent)
 
