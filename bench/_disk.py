@@ -1,10 +1,15 @@
-"""Shared by the benchmarks: make disk writes cost the same for both sides of a comparison.
+"""Shared by the benchmarks: make writes cost the same for both sides of a comparison.
 
-The virtual disk of these machines is thin-provisioned by the host: the first write to a block
-that was never written costs about 8x a rewrite (`qemu-img convert` of 1 GiB: 2.5 s into fresh
-blocks, 0.3 s into reused ones). Which side of a comparison lands on fresh blocks is luck of
-the filesystem's allocator, so timed runs would swing by seconds. Writing and deleting a
-ballast file first leaves enough already-written free blocks for every timed run.
+Two things on these machines make the same write cost more on one side than on the other,
+by luck of what ran before it; each helper below takes one of them away.
+
+- Disk: the virtual disk is thin-provisioned by the host, and the first write to a block that
+  was never written can cost about 2x a rewrite (1 GiB with O_DIRECT: 1.4 s, then 0.65 s).
+  ``prime_free_space`` leaves enough already-written free blocks for every timed run.
+- Memory: free memory is handed back to the host, and page cache written into such memory
+  costs up to 10x more (``prime_memory``). An earlier version of this note put an 8x swing
+  of `qemu-img convert` (2.5 s against 0.3 s per GiB) on the disk; perf shows such time
+  spent in the kernel copying into the page cache, so it was most likely this.
 """
 
 from __future__ import annotations
@@ -28,3 +33,24 @@ def prime_free_space(directory: Path, size: int) -> None:
     finally:
         ballast.unlink(missing_ok=True)
         os.sync()
+
+
+def prime_memory(directory: Path, size: int) -> None:
+    """Write ``size`` bytes of page cache in ``directory`` and delete them unwritten: the
+    memory a timed copy writes into next is then memory the host has already backed.
+
+    These machines are VMs whose free memory is handed back to the host (virtio-balloon free
+    page reporting) about 2 s after it is freed. Writing into the page cache then costs 2.7 s
+    per GiB of such handed-back memory against 0.25 s per GiB of memory freed just before
+    (measured: the time is the kernel copying into pages the host must fault in). Whichever
+    side of a comparison writes first after a pause would pay that. Call this right before
+    each timed side, with at least what it will write; no disk I/O is done.
+    """
+    ballast = directory / ".memory-ballast"
+    block = b"\1" * _BLOCK
+    try:
+        with ballast.open("wb") as f:
+            for _ in range(-(-size // _BLOCK)):
+                f.write(block)
+    finally:
+        ballast.unlink(missing_ok=True)
