@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 _BLOCK = 16 * 1024 * 1024
+_SMALL_BLOCK = 1024 * 1024
 
 
 def prime_free_space(directory: Path, size: int) -> None:
@@ -47,10 +48,10 @@ def prime_memory(directory: Path, size: int) -> None:
     each timed side, with at least what it will write; no disk I/O is done.
     """
     ballast = directory / ".memory-ballast"
-    block = b"\1" * _BLOCK
+    block = b"\1" * _SMALL_BLOCK  # small: a process that measures its own peak RSS may call this
     try:
-        with ballast.open("wb") as f:
-            for _ in range(-(-size // _BLOCK)):
+        with ballast.open("wb", buffering=0) as f:
+            for _ in range(-(-size // _SMALL_BLOCK)):
                 f.write(block)
     finally:
         ballast.unlink(missing_ok=True)
