@@ -38,14 +38,17 @@ def prime_free_space(directory: Path, size: int) -> None:
 
 def prime_memory(directory: Path, size: int) -> None:
     """Write ``size`` bytes of page cache in ``directory`` and delete them unwritten: the
-    memory a timed copy writes into next is then memory the host has already backed.
+    memory a timed copy writes into next is then, mostly, memory the host has already backed.
 
     These machines are VMs whose free memory is handed back to the host (virtio-balloon free
-    page reporting) about 2 s after it is freed. Writing into the page cache then costs 2.7 s
-    per GiB of such handed-back memory against 0.25 s per GiB of memory freed just before
-    (measured: the time is the kernel copying into pages the host must fault in). Whichever
-    side of a comparison writes first after a pause would pay that. Call this right before
-    each timed side, with at least what it will write; no disk I/O is done.
+    page reporting). Writing into the page cache costs 2.7 s per GiB of such handed-back
+    memory against 0.25 s per GiB of memory freed just before (measured: the time is the
+    kernel copying into pages the host must fault in), so whichever side of a comparison
+    writes first after a pause would pay it. This lowers the odds, it does not remove them:
+    the kernel here reports freed memory with no minimum wait (/sys/module/page_reporting/
+    parameters: min_free_ms 0, max_waiting_mib 1024), so some rounds still pay; benches
+    report medians over alternating rounds. Call this right before each timed side, with at
+    least what it will write; no disk I/O is done.
     """
     ballast = directory / ".memory-ballast"
     block = b"\1" * _SMALL_BLOCK  # small: a process that measures its own peak RSS may call this
