@@ -23,17 +23,8 @@ _SMALL_BLOCK = 1024 * 1024
 
 def prime_free_space(directory: Path, size: int) -> None:
     """Write ``size`` bytes into ``directory``, fsync, delete: later writes reuse the blocks."""
-    ballast = directory / ".ballast"
-    zeros = bytes(_BLOCK)
-    try:
-        with ballast.open("wb") as f:
-            for _ in range(-(-size // _BLOCK)):
-                f.write(zeros)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        ballast.unlink(missing_ok=True)
-        os.sync()
+    _ballast(directory / ".ballast", size, bytes(_BLOCK), durable=True)
+    os.sync()
 
 
 def prime_memory(directory: Path, size: int) -> None:
@@ -50,11 +41,18 @@ def prime_memory(directory: Path, size: int) -> None:
     report medians over alternating rounds. Call this right before each timed side, with at
     least what it will write; no disk I/O is done.
     """
-    ballast = directory / ".memory-ballast"
-    block = b"\1" * _SMALL_BLOCK  # small: a process that measures its own peak RSS may call this
+    # A small block: a process that measures its own peak RSS may call this.
+    _ballast(directory / ".memory-ballast", size, b"\1" * _SMALL_BLOCK, durable=False)
+
+
+def _ballast(path: Path, size: int, block: bytes, *, durable: bool) -> None:
+    """Write ``size`` bytes (rounded up to whole ``block``s) to ``path``, fsync them if
+    ``durable``, and delete the file."""
     try:
-        with ballast.open("wb", buffering=0) as f:
-            for _ in range(-(-size // _SMALL_BLOCK)):
+        with path.open("wb", buffering=0) as f:
+            for _ in range(-(-size // len(block))):
                 f.write(block)
+            if durable:
+                os.fsync(f.fileno())
     finally:
-        ballast.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)

@@ -104,6 +104,11 @@ async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: P
     return {"storage": str(storage), "members": members}
 
 
+def _written_at_most(catalog: dict) -> int:
+    """What a restore of the chain writes, with room to spare: the memory to prime for it."""
+    return sum(int(m["size"]) for m in catalog["members"]) * 5 // 4
+
+
 async def _restore_once(catalog: dict, work: Path, out: Path) -> tuple[float, float]:
     from app.backups.chain_fetch import ChainPlan, Member, rebuild
     from app.models import BackupFile
@@ -128,7 +133,7 @@ async def _restore_once(catalog: dict, work: Path, out: Path) -> tuple[float, fl
     ]
     plan = ChainPlan(members[-1].id, uuid.uuid4(), members, ["vda"])
     driver = get_driver("local", {"path": catalog["storage"]})
-    prime_memory(out.parent, sum(m["size"] for m in catalog["members"]) * 5 // 4)
+    prime_memory(out.parent, _written_at_most(catalog))
     t0 = time.perf_counter()
     try:
         await rebuild(driver, plan, work, {"vda": out}, durable=True)  # as the restore job
@@ -206,7 +211,7 @@ def main() -> int:
 
             def reference(ref: Path = ref) -> None:
                 os.sync()
-                prime_memory(work, sum(m["size"] for m in catalog["members"]) * 5 // 4)
+                prime_memory(work, _written_at_most(catalog))
                 t0 = time.perf_counter()
                 subprocess.run(
                     ["qemu-img", "convert", "-O", "qcow2", str(newest), str(ref)], check=True
