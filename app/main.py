@@ -17,12 +17,13 @@ from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
 from app.cache import ReadCache, follow_changes
 from app.config import Settings, get_settings
-from app.db import asyncpg_dsn, build_engine, build_read_pool, build_sessionmaker
-from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from app.db import build_engine, build_sessionmaker
+from app.deps import asyncpg_dsn, build_read_pool
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
 from app.policies.router import router as policies_router
+from app.problems import PROBLEM_MEDIA_TYPE, install_error_handlers
 from app.restores.router import router as restores_router
 from app.storages.router import router as storages_router
 from app.users.router import me_router, users_router

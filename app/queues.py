@@ -2,14 +2,82 @@
 
 Every job has a fixed id derived from its row, so arq drops a second copy while the first is
 queued, running or its result kept, and the scheduler tick can send again the jobs of rows
-still waiting (see app.backups.lifecycle.redispatch_lost_jobs).
+still waiting (see app.engine.lifecycle.redispatch_lost_jobs).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
-from app.db import JobQueue
+from arq.connections import ArqRedis
+
+log = logging.getLogger(__name__)
+
+FLUSH_CONCURRENCY = 100
+
+
+@dataclass(frozen=True)
+class Job:
+    function: str
+    args: tuple[Any, ...]
+    job_id: str | None
+    queue_name: str
+    # The row it works on says it is still waiting, and the scheduler tick sends the jobs of
+    # such rows again (app.engine.lifecycle.redispatch_lost_jobs): losing this enqueue only
+    # delays the work.
+    redispatched: bool = False
+
+
+@dataclass
+class JobQueue:
+    """Jobs a request wants enqueued; sent only after its transaction committed."""
+
+    jobs: list[Job] = field(default_factory=list)
+
+    def add(
+        self,
+        function: str,
+        *args: Any,
+        queue_name: str,
+        job_id: str | None = None,
+        redispatched: bool = False,
+    ) -> None:
+        self.jobs.append(Job(function, args, job_id, queue_name, redispatched))
+
+    async def flush(self, redis: ArqRedis | None) -> None:
+        """Enqueue everything; a job the tick sends again may fail to enqueue (logged), others
+        raise (the request answers 503: nothing durable says the work is wanted)."""
+        jobs, self.jobs = self.jobs, []
+        if redis is None:
+            return
+        # Each enqueue is a few round trips; a tick may send a thousand, so overlap them.
+        for start in range(0, len(jobs), FLUSH_CONCURRENCY):
+            batch = jobs[start : start + FLUSH_CONCURRENCY]
+            outcomes = await asyncio.gather(
+                *(
+                    redis.enqueue_job(
+                        job.function, *job.args, _job_id=job.job_id, _queue_name=job.queue_name
+                    )
+                    for job in batch
+                ),
+                return_exceptions=True,
+            )
+            for job, outcome in zip(batch, outcomes, strict=True):
+                if not isinstance(outcome, BaseException):
+                    continue
+                if not (job.redispatched and isinstance(outcome, Exception)):
+                    raise outcome
+                log.warning(
+                    "could not queue %s (%s: %s); the scheduler tick will send it again",
+                    job.job_id or job.function,
+                    type(outcome).__name__,
+                    outcome,
+                )
+
 
 CONTROL_QUEUE = "ibp:control"
 

@@ -7,7 +7,7 @@ Needs root and libvirtd (started by scripts/start-libvirtd.sh if not running). B
 after rewriting ~1% of the disk) with app.virt.run_backup, and stores them with the local driver
 in the service's layout. Then ``rounds`` times, each side first in every other round:
 
-- restore: a fresh process runs app.backups.chain_fetch.rebuild as the restore job does (fetch
+- restore: a fresh process runs app.engine.chain_fetch.rebuild as the restore job does (fetch
   through the driver, sha256 of every file against the catalog, convert of the newest file with
   the image's writeback started as it is written, qemu-img check, fsync) into a new disk, and
   reports its own time and peak RSS;
@@ -110,7 +110,7 @@ def _written_at_most(catalog: dict) -> int:
 
 
 async def _restore_once(catalog: dict, work: Path, out: Path) -> tuple[float, float]:
-    from app.backups.chain_fetch import ChainPlan, Member, rebuild
+    from app.engine.chain_fetch import ChainPlan, Member, rebuild
     from app.models import BackupFile
     from app.storage.registry import get_driver
 

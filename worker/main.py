@@ -127,7 +127,7 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
     arq's worker ends when Redis goes away. Its running jobs are left to finish (their state
     is in PostgreSQL, and a half-done backup is not thrown away for a Redis blip), then a
     fresh worker connects, retrying with backoff. Jobs lost with Redis's memory are sent
-    again by the tick (app.backups.lifecycle.redispatch_lost_jobs).
+    again by the tick (app.engine.lifecycle.redispatch_lost_jobs).
     """
     delay = RECONNECT_FIRST_S
     loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import service
 from app.auth.service import Principal
-from app.db import ReadsDep, SessionDep
+from app.deps import ReadsDep, SessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 

@@ -14,9 +14,9 @@ from app.auth.schemas import (
     ApiTokenRead,
     LoginRequest,
 )
-from app.db import SessionDep
-from app.errors import problem_responses
+from app.deps import SessionDep
 from app.models import ApiToken
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"], responses=problem_responses(401, 422))

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.schemas import ApiTokenCreate
 from app.cache import CachedToken
-from app.db import Reads
+from app.deps import Reads
 from app.errors import NotFound, Unauthorized, Unprocessable
 from app.models import ApiToken, User
 from app.security import (

@@ -7,15 +7,15 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import active_work, chain_states, planning_state
 from app.backups.schemas import BackupRead
 from app.backups.service import read_backup
-from app.db import JobQueue
+from app.engine.chains import active_work, chain_states, planning_state
 from app.errors import Conflict
 from app.instances.service import get_instance
 from app.models import Backup, BackupPolicy, User
-from app.queues import enqueue_backup
+from app.queues import JobQueue, enqueue_backup
 from app.scheduling import Plan, Schedule, plan_backup
+from app.values import Frequency
 
 # Without a policy there is no chain length to respect: every manual backup is a full.
 NO_POLICY = "no backup policy: a manual backup without one is always a full"
@@ -45,7 +45,7 @@ async def backup_now(
     else:
         # A daily-like decision: incremental while the chain has room, else a new full.
         plan = plan_backup(
-            Schedule("daily", 0),
+            Schedule(Frequency.DAILY, 0),
             policy.max_incremental_chain if policy is not None else 0,
             state,
             now.date(),

@@ -6,23 +6,20 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.auth.deps import CurrentUser
-from app.backups import manual, service, verification
+from app.backups import manual, service
 from app.backups.schemas import (
     BackupDeletion,
     BackupNowRequest,
     BackupRead,
-    BackupStatus,
-    BackupType,
+    StatusFilter,
+    TypeFilter,
 )
-from app.db import JobQueueDep, SessionDep
-from app.errors import problem_responses
+from app.deps import JobQueueDep, SessionDep
 from app.instances.service import get_instance
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, fetch_page
 
 router = APIRouter(tags=["backups"], responses=problem_responses(401, 404, 422))
-
-StatusFilter = Annotated[BackupStatus | None, Query(alias="status")]
-TypeFilter = Annotated[BackupType | None, Query(alias="type")]
 
 
 @router.get("/instances/{instance_id}/backups", summary="List an instance's backups")
@@ -90,4 +87,4 @@ async def backup_now(
 async def verify(
     backup_id: uuid.UUID, session: SessionDep, user: CurrentUser, jobs: JobQueueDep
 ) -> BackupRead:
-    return await verification.request_verify(session, user, backup_id, jobs)
+    return await service.request_verify(session, user, backup_id, jobs)

@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, Field
 
 from app.schemas import RequestBody
+from app.values import BackupDevice, BackupStatus, BackupType
 
-BackupType = Literal["full", "incremental"]
-BackupStatus = Literal["pending", "in_progress", "completed", "failed", "deleting"]
+# Query filters of the backup lists (of an instance, of a policy, of everything).
+StatusFilter = Annotated[BackupStatus | None, Query(alias="status")]
+TypeFilter = Annotated[BackupType | None, Query(alias="type")]
 
 
 class BackupFileRead(BaseModel):
@@ -28,7 +31,7 @@ class BackupRead(BaseModel):
     type: BackupType
     status: BackupStatus
     manual: bool = Field(description="Taken with 'Backup now' rather than by the schedule.")
-    backup_device: Literal["primary", "all"]
+    backup_device: BackupDevice
     size_bytes: int | None
     size_human: str | None = Field(examples=["12.4 GB"])
     progress: int | None = Field(description="0-100 while in progress.")

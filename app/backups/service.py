@@ -7,14 +7,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from decimal import Decimal
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.schemas import BackupDeletion, BackupFileRead, BackupRead
-from app.db import JobQueue
+from app.engine.lifecycle import mark_for_deletion
 from app.errors import Conflict, NotFound
 from app.models import Backup, BackupFile, Hypervisor, Instance, Location, Restore, User
-from app.queues import enqueue_deletion
+from app.queues import JobQueue, enqueue_verify
 from app.schemas import backup_costs, size_human
 
 BackupRow = tuple[Backup, str, Decimal | None]
@@ -165,16 +165,21 @@ async def delete_backup(
             "Delete with ?cascade=true to delete them too.",
             dependants=[str(b.id) for b in doomed[1:]],
         )
-    return await mark_for_deletion(session, [b.id for b in doomed], jobs)
+    ids = [b.id for b in doomed]
+    await mark_for_deletion(session, ids, jobs)
+    return BackupDeletion(backup_ids=ids)
 
 
-async def mark_for_deletion(
-    session: AsyncSession, backup_ids: list[uuid.UUID], jobs: JobQueue
-) -> BackupDeletion:
-    """Rows stay (status 'deleting') until the deletion job has removed their files."""
-    await session.execute(
-        update(Backup).where(Backup.id.in_(backup_ids)).values(status="deleting", progress=None)
+async def request_verify(
+    session: AsyncSession, user: User, backup_id: uuid.UUID, jobs: JobQueue
+) -> BackupRead:
+    row = await get_backup_row(session, user, backup_id)
+    backup = row[0]
+    if backup.status != "completed":
+        raise Conflict(f"Only completed backups can be verified (this one is {backup.status})")
+    hypervisor_id = await session.scalar(
+        select(Instance.hypervisor_id).where(Instance.id == backup.instance_id)
     )
-    for backup_id in backup_ids:
-        enqueue_deletion(jobs, backup_id)
-    return BackupDeletion(backup_ids=backup_ids)
+    assert hypervisor_id is not None
+    enqueue_verify(jobs, backup.id, hypervisor_id)
+    return (await to_reads(session, [row]))[0]

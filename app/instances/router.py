@@ -6,11 +6,12 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from app.auth.deps import AdminUser, CurrentUser
-from app.db import SessionDep
-from app.errors import problem_responses
+from app.deps import SessionDep
 from app.instances import service
-from app.instances.schemas import InstanceCreate, InstanceRead, InstanceStatus, InstanceUpdate
+from app.instances.schemas import InstanceCreate, InstanceRead, InstanceUpdate
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
+from app.values import InstanceStatus
 
 router = APIRouter(
     prefix="/instances", tags=["instances"], responses=problem_responses(401, 404, 422)

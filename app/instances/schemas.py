@@ -2,13 +2,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
 from app.schemas import RequestBody, Schema
-
-InstanceStatus = Literal["deployed", "suspended", "stopped", "building", "error"]
+from app.values import InstanceStatus
 
 
 class DiskSpec(Schema):
@@ -52,7 +50,7 @@ class InstanceCreate(RequestBody):
     owner_id: uuid.UUID
     hypervisor_id: uuid.UUID
     domain_name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s/\x00]+$")
-    status: InstanceStatus = "deployed"
+    status: InstanceStatus = InstanceStatus.DEPLOYED
     disks: list[DiskSpec] = Field(default_factory=list, max_length=64)
 
     _disks = field_validator("disks")(_one_boot_disk)

@@ -5,10 +5,10 @@ import uuid
 from fastapi import APIRouter, status
 
 from app.auth.deps import AdminUser
-from app.db import SessionDep
-from app.errors import problem_responses
+from app.deps import SessionDep
 from app.locations import service
 from app.locations.schemas import LocationCreate, LocationRead, LocationUpdate
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(

@@ -19,8 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, utcnow
-
-BACKUP_STATUSES = ("pending", "in_progress", "completed", "failed", "deleting")
+from app.values import BackupStatus, BackupType, one_of
 
 
 class BackupChain(IdMixin, Base):
@@ -40,8 +39,8 @@ class BackupChain(IdMixin, Base):
 class Backup(IdMixin, Base):
     __tablename__ = "backups"
     __table_args__ = (
-        CheckConstraint("type IN ('full', 'incremental')", name="type"),
-        CheckConstraint(f"status IN {BACKUP_STATUSES!r}", name="status"),
+        CheckConstraint(one_of("type", BackupType), name="type"),
+        CheckConstraint(one_of("status", BackupStatus), name="status"),
         CheckConstraint("progress IS NULL OR progress BETWEEN 0 AND 100", name="progress"),
         # A repeated tick cannot create a slot's backup twice.
         UniqueConstraint("instance_id", "scheduled_for", name="uq_backups_instance_slot"),
@@ -51,7 +50,9 @@ class Backup(IdMixin, Base):
         Index(
             "ix_backups_active",
             "status",
-            postgresql_where="status IN ('pending', 'in_progress', 'deleting')",
+            postgresql_where=one_of(
+                "status", (BackupStatus.PENDING, BackupStatus.IN_PROGRESS, BackupStatus.DELETING)
+            ),
         ),
     )
 

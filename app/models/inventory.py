@@ -21,8 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, IdMixin, TimestampMixin
-
-STORAGE_KINDS = ("local", "nfs", "s3", "sftp", "ftp")
+from app.values import StorageKind, StorageStatus, one_of
 
 
 class Location(IdMixin, TimestampMixin, Base):
@@ -35,8 +34,8 @@ class Location(IdMixin, TimestampMixin, Base):
 class BackupStorage(IdMixin, TimestampMixin, Base):
     __tablename__ = "backup_storages"
     __table_args__ = (
-        CheckConstraint(f"kind IN {STORAGE_KINDS!r}", name="kind"),
-        CheckConstraint("status IN ('unknown', 'ok', 'error')", name="status"),
+        CheckConstraint(one_of("kind", StorageKind), name="kind"),
+        CheckConstraint(one_of("status", StorageStatus), name="status"),
     )
 
     name: Mapped[str] = mapped_column(String(200), unique=True)

@@ -9,23 +9,23 @@ from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, TimestampMixin
-
-WEEKDAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+from app.scheduling import Schedule
+from app.values import BackupDevice, Frequency, PolicyStatus, Weekday, one_of
 
 
 class BackupPolicy(IdMixin, TimestampMixin, Base):
     __tablename__ = "backup_policies"
     __table_args__ = (
-        CheckConstraint("frequency IN ('daily', 'weekly')", name="frequency"),
+        CheckConstraint(one_of("frequency", Frequency), name="frequency"),
         CheckConstraint("hour BETWEEN 0 AND 23", name="hour"),
         CheckConstraint(
             "(frequency = 'weekly') = (day_of_week IS NOT NULL)", name="weekly_needs_day"
         ),
-        CheckConstraint(f"day_of_week IS NULL OR day_of_week IN {WEEKDAYS!r}", name="weekday"),
+        CheckConstraint(f"day_of_week IS NULL OR {one_of('day_of_week', Weekday)}", name="weekday"),
         CheckConstraint("max_incremental_chain BETWEEN 0 AND 30", name="chain"),
         CheckConstraint("retention_count BETWEEN 1 AND 365", name="retention"),
-        CheckConstraint("backup_device IN ('primary', 'all')", name="device"),
-        CheckConstraint("status IN ('active', 'paused', 'error')", name="status"),
+        CheckConstraint(one_of("backup_device", BackupDevice), name="device"),
+        CheckConstraint(one_of("status", PolicyStatus), name="status"),
         # The tick finds due policies through this index, never by scanning all of them.
         Index(
             "ix_backup_policies_due",
@@ -53,3 +53,11 @@ class BackupPolicy(IdMixin, TimestampMixin, Base):
     skipped_runs: Mapped[int] = mapped_column(default=0)
     last_skip_reason: Mapped[str | None] = mapped_column(Text)
     last_skip_at: Mapped[datetime | None] = mapped_column()
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(
+            Frequency(self.frequency),
+            self.hour,
+            Weekday(self.day_of_week) if self.day_of_week is not None else None,
+        )

@@ -11,21 +11,20 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, utcnow
+from app.values import ACTIVE, RestoreStatus, RestoreTarget, one_of
 
 
 class Restore(IdMixin, Base):
     __tablename__ = "restores"
     __table_args__ = (
-        CheckConstraint("target IN ('in_place', 'new_disk')", name="target"),
-        CheckConstraint(
-            "status IN ('pending', 'in_progress', 'completed', 'failed')", name="status"
-        ),
+        CheckConstraint(one_of("target", RestoreTarget), name="target"),
+        CheckConstraint(one_of("status", RestoreStatus), name="status"),
         CheckConstraint("progress IS NULL OR progress BETWEEN 0 AND 100", name="progress"),
         Index("ix_restores_instance_created", "instance_id", "created_at"),
         Index(
             "ix_restores_active",
             "instance_id",
-            postgresql_where="status IN ('pending', 'in_progress')",
+            postgresql_where=one_of("status", ACTIVE),
         ),
     )
 

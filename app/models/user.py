@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from sqlalchemy import CheckConstraint, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, TimestampMixin
-
-Role = Literal["admin", "user"]
-TokenKind = Literal["session", "personal"]
+from app.values import Role, TokenKind, one_of
 
 
 class User(IdMixin, TimestampMixin, Base):
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("role IN ('admin', 'user')", name="role"),)
+    __table_args__ = (CheckConstraint(one_of("role", Role), name="role"),)
 
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")
@@ -27,13 +24,13 @@ class User(IdMixin, TimestampMixin, Base):
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return self.role == Role.ADMIN
 
 
 class ApiToken(IdMixin, Base):
     __tablename__ = "api_tokens"
     __table_args__ = (
-        CheckConstraint("kind IN ('session', 'personal')", name="kind"),
+        CheckConstraint(one_of("kind", TokenKind), name="kind"),
         Index("ix_api_tokens_user_id_kind", "user_id", "kind"),
     )
 

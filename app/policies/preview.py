@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import chain_states
+from app.engine.chains import chain_states
 from app.errors import Unprocessable
 from app.models import Instance, User
 from app.policies.schemas import SchedulePreviewRun
-from app.policies.service import get_policy_row, schedule_of
+from app.policies.service import get_policy_row
 from app.scheduling import ChainState, next_run_at, plan_backup, resolve_zone
 
 MAX_SCAN_FACTOR = 8  # a weekly chain-full policy skips up to 6 days of every 7
@@ -46,7 +46,7 @@ async def schedule_preview(
                 ],
             )
         state = (await chain_states(session, [instance_id]))[instance_id].state
-    schedule, zone = schedule_of(policy), resolve_zone(zone_name)
+    schedule, zone = policy.schedule, resolve_zone(zone_name)
     runs: list[SchedulePreviewRun] = []
     cursor = now or datetime.now(UTC)
     for _ in range(count * MAX_SCAN_FACTOR):

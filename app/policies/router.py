@@ -7,21 +7,20 @@ from fastapi import APIRouter, Query, Response, status
 
 from app.auth.deps import CurrentPrincipal, CurrentUser
 from app.backups import service as backups
-from app.backups.router import StatusFilter, TypeFilter
-from app.backups.schemas import BackupRead
-from app.db import ReadsDep, SessionDep
-from app.errors import problem_responses
+from app.backups.schemas import BackupRead, StatusFilter, TypeFilter
+from app.deps import ReadsDep, SessionDep
 from app.instances.schemas import InstanceBrief
 from app.policies import preview, service
 from app.policies.schemas import (
     AttachRequest,
     PolicyCreate,
     PolicyRead,
-    PolicyStatus,
     PolicyUpdate,
     SchedulePreviewRun,
 )
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, fetch_page, page_of
+from app.values import PolicyStatus
 
 router = APIRouter(
     prefix="/backup-policies",

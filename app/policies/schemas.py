@@ -7,11 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas import RequestBody, Schema
-
-Frequency = Literal["daily", "weekly"]
-Weekday = Literal["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
-BackupDevice = Literal["primary", "all"]
-PolicyStatus = Literal["active", "paused", "error"]
+from app.values import BackupDevice, Frequency, PolicyStatus, Weekday
 
 
 class PolicySchedule(Schema):
@@ -40,7 +36,7 @@ class PolicyCreate(RequestBody):
     schedule: PolicySchedule
     max_incremental_chain: int = Field(default=6, ge=0, le=30)
     retention_count: int = Field(default=3, ge=1, le=365)
-    backup_device: BackupDevice = "primary"
+    backup_device: BackupDevice = BackupDevice.PRIMARY
 
 
 class PolicyUpdate(RequestBody):

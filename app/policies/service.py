@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.service import Principal
 from app.cache import Tag
-from app.db import Reads
+from app.deps import Reads
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
 from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
@@ -29,16 +29,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def schedule_of(policy: Any) -> Schedule:
-    return Schedule(
-        frequency=policy.frequency,
-        hour=policy.hour,
-        day_of_week=policy.day_of_week,
-    )
-
-
 def plan_next_run(policy: BackupPolicy, zone: str, after: datetime | None = None) -> None:
-    policy.next_run_at = next_run_at(schedule_of(policy), zone, after or _now())
+    policy.next_run_at = next_run_at(policy.schedule, zone, after or _now())
 
 
 _instance_count = (

@@ -5,9 +5,9 @@ import uuid
 from fastapi import APIRouter, status
 
 from app.auth.deps import CurrentUser
-from app.db import JobQueueDep, SessionDep
-from app.errors import problem_responses
+from app.deps import JobQueueDep, SessionDep
 from app.instances.service import get_instance
+from app.problems import problem_responses
 from app.restores import service
 from app.restores.schemas import RestoreCreate, RestoreRead
 from app.schemas import Page, PageDep, page_of

@@ -2,14 +2,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from pydantic import Field
 
 from app.schemas import RequestBody, Schema
-
-RestoreTarget = Literal["in_place", "new_disk"]
-RestoreStatus = Literal["pending", "in_progress", "completed", "failed"]
+from app.values import RestoreStatus, RestoreTarget
 
 
 class RestoreCreate(RequestBody):

@@ -8,14 +8,13 @@ from datetime import UTC, datetime
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import active_work
 from app.backups.service import get_backup_row
-from app.db import JobQueue
+from app.engine.chains import active_work
 from app.errors import Conflict, NotFound
 from app.instances.service import get_instance
 from app.models import Instance, Restore, User
-from app.queues import enqueue_restore
-from app.restores.schemas import RestoreTarget
+from app.queues import JobQueue, enqueue_restore
+from app.values import RestoreTarget
 
 
 def readable_restores(user: User) -> Select[Restore]:

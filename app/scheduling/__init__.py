@@ -9,9 +9,7 @@ from app.scheduling.retention import ChainInfo, chains_to_delete
 from app.scheduling.schedule import (
     FREQUENCIES,
     WEEKDAYS,
-    Frequency,
     Schedule,
-    Weekday,
     format_hour,
     is_full_day,
     local_weekday,
@@ -26,6 +24,7 @@ from app.scheduling.times import (
     slot_local_date,
     upcoming_runs,
 )
+from app.values import Frequency, Weekday
 
 __all__ = [
     "FREQUENCIES",

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from typing import Literal, get_args
 
-Frequency = Literal["daily", "weekly"]
-Weekday = Literal["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+from app.values import Frequency, Weekday
 
-FREQUENCIES: tuple[Frequency, ...] = get_args(Frequency)
+FREQUENCIES: tuple[Frequency, ...] = tuple(Frequency)
 #: Weekdays in the order the UI lists them (Sunday first).
-WEEKDAYS: tuple[Weekday, ...] = get_args(Weekday)
+WEEKDAYS: tuple[Weekday, ...] = tuple(Weekday)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import uuid
 from fastapi import APIRouter, status
 
 from app.auth.deps import AdminUser
-from app.db import SessionDep
-from app.errors import problem_responses
+from app.deps import SessionDep
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 from app.storages import service
 from app.storages.schemas import (

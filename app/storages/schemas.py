@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from app.schemas import RequestBody, Schema
+from app.values import StorageKind, StorageStatus
 
-StorageKind = Literal["local", "nfs", "s3", "sftp", "ftp"]
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "local": (),
     "nfs": (),
@@ -156,7 +156,7 @@ class BackupStorageRead(Schema):
     kind: StorageKind
     config: dict[str, Any] = Field(description="Settings without secrets.")
     secrets_set: list[str] = Field(description="Which secrets are stored (never their values).")
-    status: Literal["unknown", "ok", "error"]
+    status: StorageStatus
     last_error: str | None
     last_checked_at: datetime | None
     created_at: datetime

@@ -11,6 +11,7 @@ from sqlalchemy import Select, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import flush_or_conflict
+from app.engine.storage_access import driver_config
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Backup, BackupChain, BackupStorage, Hypervisor
 from app.security import SecretBox, secret_box
@@ -55,11 +56,6 @@ def _store(storage: BackupStorage, full_config: dict[str, Any], box: SecretBox) 
     public, secrets = _split(storage.kind, full_config)
     storage.config = public
     storage.secrets_encrypted = box.encrypt(secrets) if secrets else None
-
-
-def driver_config(storage: BackupStorage) -> dict[str, Any]:
-    """The whole config with secrets decrypted: for a storage driver, never for a response."""
-    return {**storage.config, **secret_box().decrypt(storage.secrets_encrypted)}
 
 
 async def get_storage(session: AsyncSession, storage_id: uuid.UUID) -> BackupStorage:

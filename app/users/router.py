@@ -5,8 +5,8 @@ import uuid
 from fastapi import APIRouter, status
 
 from app.auth.deps import AdminUser, CurrentUser
-from app.db import SessionDep
-from app.errors import problem_responses
+from app.deps import SessionDep
+from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 from app.users import service
 from app.users.schemas import MeUpdate, UserCreate, UserRead, UserUpdate

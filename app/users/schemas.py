@@ -2,13 +2,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
 
 from pydantic import EmailStr, Field
 
 from app.schemas import RequestBody, Schema, TimeZoneName
-
-Role = Literal["admin", "user"]
+from app.values import Role
 
 
 class UserRead(Schema):
@@ -25,7 +23,7 @@ class UserCreate(RequestBody):
     email: EmailStr
     name: str = Field(default="", max_length=200)
     password: str = Field(min_length=8, max_length=1024)
-    role: Role = "user"
+    role: Role = Role.USER
     timezone: TimeZoneName = "UTC"
 
 

@@ -255,8 +255,8 @@ async def test_storage_patch_keeps_secrets_not_resent(
     assert body["secrets_set"] == ["secret_access_key"]
     assert "s3-secret-plaintext-value" not in patched.text
 
+    from app.engine.storage_access import driver_config
     from app.models import BackupStorage
-    from app.storages.service import driver_config
 
     row = await session.get(BackupStorage, uuid.UUID(created["id"]))
     assert row is not None

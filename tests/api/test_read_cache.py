@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from app.cache import FEED_APPLICATION_NAME
 from app.config import Settings
-from app.db import Reads, asyncpg_dsn
+from app.deps import Reads, asyncpg_dsn
 from app.main import create_app
 from tests.factories import (
     auth_headers,

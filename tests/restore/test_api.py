@@ -12,9 +12,9 @@ from arq.connections import ArqRedis
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import chain_states
-from app.backups.lifecycle import reap_stale_restores
-from app.backups.verification import due_for_verification
+from app.engine.chains import chain_states
+from app.engine.lifecycle import reap_stale_restores
+from app.engine.verification import due_for_verification
 from app.models import Backup, Instance, User
 from app.queues import hypervisor_queue
 from tests.api.helpers import admin_with_headers, assert_page, assert_problem, user_with_headers

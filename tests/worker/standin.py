@@ -12,10 +12,10 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.backups.chains import chain_states
-from app.backups.lifecycle import apply_retention, record_success
-from app.db import JobQueue
+from app.engine.chains import chain_states
+from app.engine.lifecycle import apply_retention, record_success
 from app.models import Backup, BackupChain, BackupPolicy
+from app.queues import JobQueue
 
 
 async def complete_pending(

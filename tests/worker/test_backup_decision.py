@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from app.backups.chains import InstanceChain
+from app.engine.chains import InstanceChain
 from app.models import Backup
 from app.scheduling import ChainState
 from app.virt import DiskInfo

@@ -11,9 +11,8 @@ import redis.exceptions as redis_errors
 from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.backups.lifecycle import redispatch_lost_jobs
-from app.db import JobQueue
-from app.queues import CONTROL_QUEUE, enqueue_backup, hypervisor_queue
+from app.engine.lifecycle import redispatch_lost_jobs
+from app.queues import CONTROL_QUEUE, JobQueue, enqueue_backup, hypervisor_queue
 from tests.factories import create_backup, create_instance, create_restore, create_user
 from worker.context import WorkerContext
 from worker.tasks.control import tick

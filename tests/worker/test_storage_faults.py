@@ -12,7 +12,7 @@ from arq import Retry
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.backups.lifecycle import NEVER_STARTED, WORKER_LOST, reap_stale
+from app.engine.lifecycle import NEVER_STARTED, WORKER_LOST, reap_stale
 from app.models import Backup, BackupFile, BackupPolicy, BackupStorage
 from app.security import secret_box
 from tests.factories import create_backup, create_instance, create_user

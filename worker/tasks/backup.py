@@ -21,10 +21,9 @@ from typing import Any
 from sqlalchemy import select, update
 
 from app import virt
-from app.backups.chains import InstanceChain, chain_states
-from app.backups.lifecycle import apply_retention, record_failure, record_success
-from app.backups.storage_access import backup_prefix, open_driver
-from app.db import JobQueue
+from app.engine.chains import InstanceChain, chain_states
+from app.engine.lifecycle import apply_retention, record_failure, record_success
+from app.engine.storage_access import backup_prefix, open_driver
 from app.models import (
     Backup,
     BackupChain,
@@ -34,6 +33,7 @@ from app.models import (
     Instance,
     Restore,
 )
+from app.queues import JobQueue
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
 from app.storage.files import put_file
 from worker.context import WorkerContext

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from app import virt
-from app.backups.chains import DEVICE_CHANGED, InstanceChain
+from app.engine.chains import DEVICE_CHANGED, InstanceChain
 from app.models import Backup
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.backups.lifecycle import reap_stale, reap_stale_restores, redispatch_lost_jobs
-from app.backups.verification import due_for_verification
-from app.db import JobQueue
-from app.queues import enqueue_verify
+from app.engine.lifecycle import reap_stale, reap_stale_restores, redispatch_lost_jobs
+from app.engine.verification import due_for_verification
+from app.queues import JobQueue, enqueue_verify
 from worker.context import WorkerContext
 from worker.tasks.tick import run_tick
 

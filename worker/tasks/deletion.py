@@ -8,7 +8,7 @@ import uuid
 from arq import Retry
 from sqlalchemy import delete, func, select
 
-from app.backups.storage_access import backup_prefix, open_driver
+from app.engine.storage_access import backup_prefix, open_driver
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import StorageError
 from worker.context import WorkerContext

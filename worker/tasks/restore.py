@@ -23,8 +23,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import virt
-from app.backups.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, remove_tree
-from app.backups.storage_access import open_driver
+from app.engine.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, remove_tree
+from app.engine.storage_access import open_driver
 from app.models import Backup, Hypervisor, Instance, Restore
 from app.storage.base import StorageError
 from app.storage.files import fsync_path

@@ -17,11 +17,9 @@ from sqlalchemy import Table, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.backups.chains import InstanceChain, chain_states, planning_state
-from app.db import JobQueue
+from app.engine.chains import InstanceChain, chain_states, planning_state
 from app.models import Backup, BackupPolicy, Instance, User
-from app.policies.service import schedule_of
-from app.queues import enqueue_backup
+from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
     next_run_at,
     plan_backup,
@@ -42,7 +40,7 @@ class TickResult:
 
 def _latest_run(policy: BackupPolicy, zone: str, now: datetime) -> datetime:
     """The most recent scheduled instant at or before now (the slot a catch-up would serve)."""
-    schedule = schedule_of(policy)
+    schedule = policy.schedule
     day = slot_local_date(schedule, zone, now)
     run = run_on_local_date(policy.hour, zone, day)
     assert run is not None  # slot_local_date only returns days that have a run
@@ -105,14 +103,14 @@ async def _dispatch_batch(
             _skip(policy, f"{missed} run(s) missed while the scheduler was down", now, missed)
             result.skipped += missed
         if runs_now:
-            slot_date = slot_local_date(schedule_of(policy), zone, slot)
+            slot_date = slot_local_date(policy.schedule, zone, slot)
             for instance in by_policy[policy.id]:
                 row = _plan_instance(policy, instance, chains[instance.id], slot, slot_date, now)
                 if row is not None:
                     new_backups.append(row)
                 elif instance.status == "deployed":
                     result.skipped += 1
-        policy.next_run_at = next_run_at(schedule_of(policy), zone, now)
+        policy.next_run_at = next_run_at(policy.schedule, zone, now)
 
     if new_backups:
         # One compiled statement, many parameter sets (insertmanyvalues): cheap at 1,000 rows.
@@ -139,7 +137,7 @@ def _runs_between(
     runs, cursor = [], start
     while cursor < end:
         runs.append(cursor)
-        cursor = next_run_at(schedule_of(policy), zone, cursor)
+        cursor = next_run_at(policy.schedule, zone, cursor)
     return runs
 
 
@@ -174,7 +172,7 @@ def _plan_instance(
         _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
         return None
     state = planning_state(chain, policy.backup_device)
-    plan = plan_backup(schedule_of(policy), policy.max_incremental_chain, state, slot_date)
+    plan = plan_backup(policy.schedule, policy.max_incremental_chain, state, slot_date)
     if plan.kind == "skip":
         return None
     return {

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app import virt
-from app.backups.chain_fetch import ChainError, load_chain, rebuild, remove_tree
-from app.backups.storage_access import open_driver
-from app.backups.verification import record_verification
+from app.engine.chain_fetch import ChainError, load_chain, rebuild, remove_tree
+from app.engine.storage_access import open_driver
+from app.engine.verification import record_verification
 from app.models import Backup, Hypervisor, Instance
 from app.storage.base import StorageError
 from worker.context import WorkerContext

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import BackupStorage
+from app.security import secret_box
 from app.storage.base import BackupStorageDriver
 from app.storage.registry import get_driver
-from app.storages.service import driver_config
+
+
+def driver_config(storage: BackupStorage) -> dict[str, Any]:
+    """The whole config with secrets decrypted: for a storage driver, never for a response."""
+    return {**storage.config, **secret_box().decrypt(storage.secrets_encrypted)}
 
 
 async def open_driver(session: AsyncSession, storage_id: uuid.UUID) -> BackupStorageDriver:

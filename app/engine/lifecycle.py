@@ -9,11 +9,9 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backups.chains import completed_chains
-from app.backups.service import mark_for_deletion
-from app.db import JobQueue
+from app.engine.chains import completed_chains
 from app.models import Backup, BackupPolicy, Instance, Restore
-from app.queues import enqueue_backup, enqueue_deletion, enqueue_restore
+from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import chains_to_delete
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
@@ -47,6 +45,17 @@ async def apply_retention(
     )
     await mark_for_deletion(session, backup_ids, jobs)
     return backup_ids
+
+
+async def mark_for_deletion(
+    session: AsyncSession, backup_ids: list[uuid.UUID], jobs: JobQueue
+) -> None:
+    """Rows stay (status 'deleting') until the deletion job has removed their files."""
+    await session.execute(
+        update(Backup).where(Backup.id.in_(backup_ids)).values(status="deleting", progress=None)
+    )
+    for backup_id in backup_ids:
+        enqueue_deletion(jobs, backup_id)
 
 
 async def record_failure(

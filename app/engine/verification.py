@@ -1,4 +1,4 @@
-"""Verified backups: on request, and periodically for each instance's newest chain."""
+"""Verification outcomes, and which chains are due for their periodic check."""
 
 from __future__ import annotations
 
@@ -10,29 +10,9 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from app.backups.schemas import BackupRead
-from app.backups.service import get_backup_row, to_reads
-from app.db import JobQueue
-from app.errors import Conflict
-from app.models import Backup, Instance, User
-from app.queues import enqueue_verify
+from app.models import Backup, Instance
 
 DUE_BATCH = 500  # per tick: the rest are picked up by the next ticks
-
-
-async def request_verify(
-    session: AsyncSession, user: User, backup_id: uuid.UUID, jobs: JobQueue
-) -> BackupRead:
-    row = await get_backup_row(session, user, backup_id)
-    backup = row[0]
-    if backup.status != "completed":
-        raise Conflict(f"Only completed backups can be verified (this one is {backup.status})")
-    hypervisor_id = await session.scalar(
-        select(Instance.hypervisor_id).where(Instance.id == backup.instance_id)
-    )
-    assert hypervisor_id is not None
-    enqueue_verify(jobs, backup.id, hypervisor_id)
-    return (await to_reads(session, [row]))[0]
 
 
 async def due_for_verification(

@@ -1,0 +1,105 @@
+"""The words the catalog stores: one StrEnum per kind of value.
+
+The models' CHECK constraints, the API schemas and the services all take their words from
+here, so a status or a frequency is spelled once. StrEnum members are plain strings to the
+database, to JSON and in comparisons.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Frequency(StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+class Weekday(StrEnum):
+    """In the order the UI lists them (Sunday first)."""
+
+    SUNDAY = "sunday"
+    MONDAY = "monday"
+    TUESDAY = "tuesday"
+    WEDNESDAY = "wednesday"
+    THURSDAY = "thursday"
+    FRIDAY = "friday"
+    SATURDAY = "saturday"
+
+
+class BackupDevice(StrEnum):
+    PRIMARY = "primary"  # the boot disk only
+    ALL = "all"
+
+
+class PolicyStatus(StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    ERROR = "error"
+
+
+class BackupType(StrEnum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class BackupStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DELETING = "deleting"  # its files are being removed; the row goes when they are
+
+
+class RestoreStatus(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+#: Work that holds an instance, backup or restore: queued or running.
+ACTIVE = ("pending", "in_progress")
+
+
+class RestoreTarget(StrEnum):
+    IN_PLACE = "in_place"
+    NEW_DISK = "new_disk"
+
+
+class InstanceStatus(StrEnum):
+    DEPLOYED = "deployed"
+    SUSPENDED = "suspended"
+    STOPPED = "stopped"
+    BUILDING = "building"
+    ERROR = "error"
+
+
+class StorageKind(StrEnum):
+    LOCAL = "local"
+    NFS = "nfs"
+    S3 = "s3"
+    SFTP = "sftp"
+    FTP = "ftp"
+
+
+class StorageStatus(StrEnum):
+    UNKNOWN = "unknown"
+    OK = "ok"
+    ERROR = "error"
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    USER = "user"
+
+
+class TokenKind(StrEnum):
+    SESSION = "session"
+    PERSONAL = "personal"
+
+
+def one_of(column: str, values: type[StrEnum] | tuple[str, ...]) -> str:
+    """The SQL of `column` holding one of `values` (CHECK constraints, partial indexes)."""
+    words = ", ".join(f"'{v}'" for v in values)
+    return f"{column} IN ({words})"
