@@ -60,7 +60,6 @@ def make_raw(path: Path, size: int, random_share: float = 0.9) -> None:
 
 async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: Path) -> dict:
     """Full + 3 incrementals of the VM's vda, stored with the local driver; the catalog."""
-    from app.storage.files import iter_file
     from app.storage.registry import get_driver
     from app.virt import rebase_onto, run_backup
     from tests.virt import vmkit
@@ -85,8 +84,7 @@ async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: P
             if parent is not None:
                 await asyncio.to_thread(rebase_onto, f.path, f"../{parent}/vda.qcow2")
             key = f"{instance}/{chain}/{backup}/vda.qcow2"
-            put = await driver.put(key, iter_file(f.path))
-            f.path.unlink()
+            put = await driver.put_file(key, f.path)  # moved in, as the backup job stores it
             members.append(
                 {
                     "id": str(backup),

@@ -39,11 +39,17 @@ REFERENCE = {
 
 
 async def driver_upload(kind: str, config: dict[str, Any], src: str, key: str) -> str:
-    from app.storage import get_driver, iter_file
+    from app.storage import get_driver
+    from app.storage.files import copy_file
 
     driver = get_driver(_driver_kind(kind), config)
     try:
-        result = await driver.put(key, iter_file(src))
+        if kind in ("local", "local-seq"):
+            # put_file would move the source in (same filesystem here): time the copy it
+            # makes from another filesystem instead.
+            result = await copy_file(Path(src), Path(config["path"]) / key, direct=True)
+        else:
+            result = await driver.put_file(key, Path(src))
     finally:
         await driver.close()
     return result.sha256

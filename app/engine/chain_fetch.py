@@ -137,7 +137,7 @@ async def load_chain(session: AsyncSession, backup_id: uuid.UUID) -> ChainPlan:
     return ChainPlan(backup.id, storage_id, members, disks)
 
 
-def local_path(work_dir: Path, key: str) -> Path:
+def work_path(work_dir: Path, key: str) -> Path:
     """Where a stored key lands in the work dir: the same relative layout as on storage."""
     return work_dir.joinpath(*validate_key(key).split("/"))
 
@@ -185,8 +185,10 @@ def _check_size(member: Member, target: str, f: BackupFile, size: int) -> None:
 
 async def fetch(
     driver: BackupStorageDriver, plan: ChainPlan, work_dir: Path, progress: Progress | None = None
-) -> None:
-    """Download every file of the chain; a missing (or short) file is a ChainError naming it."""
+) -> dict[str, Path]:
+    """Download every file of the chain; a missing (or short) file is a ChainError naming it.
+
+    Returns where each object key now is."""
     total = plan.total_bytes
     done = [0]
 
@@ -195,39 +197,43 @@ async def fetch(
         if progress is not None:
             progress(done[0], total)
 
+    paths: dict[str, Path] = {}
     for member in plan.members:
         for target in plan.disks:
             f = member.files[target]
-            path = local_path(work_dir, f.object_key)
+            path = paths[f.object_key] = work_path(work_dir, f.object_key)
             try:
                 size = await _download(driver, f.object_key, path, step)
             except ObjectNotFound as exc:
                 raise _missing(member, target) from exc
             _check_size(member, target, f, size)
+    return paths
 
 
-async def _in_place(driver: BackupStorageDriver, plan: ChainPlan) -> Path | None:
-    """The storage directory itself when the driver is a local path (local disk, NFS mount).
+async def _in_place(driver: BackupStorageDriver, plan: ChainPlan) -> dict[str, Path] | None:
+    """Where each object key is, when the storage keeps its objects as local files (local
+    disk, NFS mount) in the key layout that the files' backing names rely on; else None.
 
     Copying a chain to a work dir that sits on the same kind of disk only costs time: the
     files are read where they are (read-only), with the same checks as after a download.
     """
-    local_root = getattr(driver, "local_root", None)
-    if local_root is None:
-        return None
-    root: Path = await local_root()
+    paths: dict[str, Path] = {}
     for member in plan.members:
         for target in plan.disks:
             f = member.files[target]
+            path = await driver.local_path(f.object_key)
+            if path is None:
+                return None
             try:
-                size = (await asyncio.to_thread(local_path(root, f.object_key).stat)).st_size
+                size = (await asyncio.to_thread(path.stat)).st_size
             except FileNotFoundError as exc:
                 raise _missing(member, target) from exc
             _check_size(member, target, f, size)
-    return root
+            paths[f.object_key] = path
+    return paths
 
 
-async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
+async def check_hashes(plan: ChainPlan, paths: Mapping[str, Path]) -> None:
     """sha256 of every fetched file against the catalog, oldest first, two files at a time."""
     jobs = [
         (member, target, member.files[target]) for member in plan.members for target in plan.disks
@@ -237,7 +243,7 @@ async def check_hashes(plan: ChainPlan, work_dir: Path) -> None:
     async def one(member: Member, target: str, f: BackupFile) -> str | None:
         async with limit:
             # sha256_of releases the GIL: hashing runs beside the event loop.
-            digest = await asyncio.to_thread(sha256_of, local_path(work_dir, f.object_key))
+            digest = await asyncio.to_thread(sha256_of, paths[f.object_key])
         return None if digest == f.sha256 else member.label(target)
 
     results = await asyncio.gather(*(one(m, t, f) for m, t, f in jobs))
@@ -260,13 +266,13 @@ def _convert(newest: Path, out: Path, out_format: str, durable: bool) -> None:
         fsync_path(out)
 
 
-def _check_backing(plan: ChainPlan, work_dir: Path) -> None:
+def _check_backing(plan: ChainPlan, paths: Mapping[str, Path]) -> None:
     """Each fetched incremental must name its parent's file, or convert would read elsewhere."""
     files = [(member, target) for member in plan.members for target in plan.disks]
 
     def info(item: tuple[Member, str]) -> dict[str, Any]:
         member, target = item
-        return virt.image_info(local_path(work_dir, member.files[target].object_key))
+        return virt.image_info(paths[member.files[target].object_key])
 
     # One qemu-img process per file; run side by side, they cost one process's start-up.
     with ThreadPoolExecutor(min(8, len(files))) as pool:
@@ -300,15 +306,14 @@ async def rebuild(
     total = plan.total_bytes * 2
     report = progress or (lambda done, whole: None)
     try:
-        source = await _in_place(driver, plan)
-        if source is None:
-            await fetch(driver, plan, work_dir, lambda d, _: report(d, total))
-            source = work_dir
-        hashes = asyncio.create_task(check_hashes(plan, source))
+        paths = await _in_place(driver, plan)
+        if paths is None:
+            paths = await fetch(driver, plan, work_dir, lambda d, _: report(d, total))
+        hashes = asyncio.create_task(check_hashes(plan, paths))
         try:
-            await asyncio.to_thread(_check_backing, plan, source)
+            await asyncio.to_thread(_check_backing, plan, paths)
             for i, target in enumerate(plan.disks):
-                newest = local_path(source, plan.members[-1].files[target].object_key)
+                newest = paths[plan.members[-1].files[target].object_key]
                 out = outputs[target]
                 await asyncio.to_thread(out.unlink, True)
                 fmt = (formats or {}).get(target, "qcow2")

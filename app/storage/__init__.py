@@ -10,8 +10,9 @@ from app.storage.base import (
     StorageError,
     StorageFull,
     StorageUnreachable,
+    iter_file,
 )
-from app.storage.files import iter_file, write_stream_to_file
+from app.storage.files import write_stream_to_file
 from app.storage.registry import get_driver
 
 __all__ = [

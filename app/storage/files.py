@@ -1,4 +1,4 @@
-"""Local file <-> chunk stream helpers shared by the local driver and the backup engine."""
+"""Atomic local file writes, from a stream or a copy, and fsync helpers."""
 
 from __future__ import annotations
 
@@ -6,14 +6,11 @@ import asyncio
 import contextlib
 import errno
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from io import BufferedWriter
 from pathlib import Path
-from typing import BinaryIO
 
 from app.storage.base import (
-    CHUNK_SIZE,
-    BackupStorageDriver,
     PutResult,
     Sha256Counter,
     StorageError,
@@ -25,90 +22,13 @@ from app.storage.pipeline import copy_and_hash
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-class FileChunks:
-    """A local file as a stream of chunks, reading the next chunk while the consumer handles
-    this one. It keeps its ``path``, so a consumer that writes to a local file too (the local
-    driver) may copy the file directly instead, as long as nobody has started reading it."""
-
-    def __init__(self, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> None:
-        self.path = Path(path)
-        self.chunk_size = chunk_size
-        self._stream: AsyncGenerator[bytes, None] | None = None
-
-    @property
-    def started(self) -> bool:
-        return self._stream is not None
-
-    def __aiter__(self) -> FileChunks:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._stream is None:
-            size = self.chunk_size
-            self._stream = read_blocks(self.path, lambda _: size)
-        return await anext(self._stream)
-
-    async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
-
-
-def iter_file(path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> FileChunks:
-    return FileChunks(path, chunk_size)
-
-
-def unread_file(chunks: AsyncIterator[bytes]) -> Path | None:
-    """The local file behind a stream nobody has read from yet, which a driver may then read
-    its own way; None for any other stream."""
-    if isinstance(chunks, FileChunks) and not chunks.started:
-        return chunks.path
-    return None
-
-
-async def read_blocks(
-    path: Path, block_size: Callable[[int], int], counter: Sha256Counter | None = None
-) -> AsyncGenerator[bytes, None]:
-    """A local file as blocks: block ``n`` (from 1) is ``block_size(n)`` bytes, read in one call.
-
-    The next block is read while the consumer handles this one (memory: two blocks). With a
-    ``counter`` each block is hashed in the thread that read it, so the sha256 covers exactly
-    the objects handed out and nothing is copied on the way. An empty file has no blocks.
-    """
-
-    def read(f: BinaryIO, size: int) -> bytes:
-        data = f.read(size)
-        if counter is not None:
-            counter.update(data)
-        return data
-
-    f = await asyncio.to_thread(open, path, "rb")
-    pending: asyncio.Future[bytes] | None = None
-    try:
-        number = 1
-        pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
-        while block := await pending:
-            number += 1
-            pending = asyncio.ensure_future(asyncio.to_thread(read, f, block_size(number)))
-            yield block
-    finally:
-        if pending is not None and not pending.done():
-            # The thread cannot be interrupted; wait so the file is not closed under it.
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(pending)
-        await asyncio.to_thread(f.close)
-
-
 async def write_stream_to_file(
-    chunks: AsyncIterator[bytes], path: str | os.PathLike[str], direct: bool = False
+    chunks: AsyncIterator[bytes], path: str | os.PathLike[str]
 ) -> PutResult:
     """Write a stream atomically: temp file in the same dir, fsync, rename, fsync the dir.
 
     On any failure (including cancellation) the temp file is removed and `path` is untouched.
-    A stream that is an unread local file (`iter_file`) is copied by `copy_and_hash` instead,
-    bypassing the page cache when ``direct``.
     """
-    if (source := unread_file(chunks)) is not None:
-        return await _atomic_write(Path(path), lambda f: _copy_file_into(source, f, direct))
 
     async def fill(f: BufferedWriter) -> PutResult:
         counter = Sha256Counter()
@@ -120,14 +40,17 @@ async def write_stream_to_file(
     return await _atomic_write(Path(path), fill)
 
 
-async def _copy_file_into(source: Path, f: BufferedWriter, direct: bool) -> PutResult:
-    def copy() -> PutResult:
+async def copy_file(source: Path, path: str | os.PathLike[str], direct: bool) -> PutResult:
+    """Copy a local file atomically, as `write_stream_to_file` does, through `copy_and_hash`
+    (bypassing the page cache when ``direct``)."""
+
+    def copy(f: BufferedWriter) -> PutResult:
         with open(source, "rb", buffering=0) as src:
             result = copy_and_hash(src, f.fileno(), direct)
         os.fsync(f.fileno())
         return result
 
-    return await asyncio.to_thread(copy)
+    return await _atomic_write(Path(path), lambda f: asyncio.to_thread(copy, f))
 
 
 async def _atomic_write(
@@ -175,12 +98,3 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-async def put_file(driver: BackupStorageDriver, key: str, path: Path) -> PutResult:
-    """Store a local file the cheapest way the driver offers; the file may be consumed."""
-    adopt = getattr(driver, "adopt_file", None)
-    if adopt is not None:
-        result: PutResult = await adopt(key, path)
-        return result
-    return await driver.put(key, iter_file(path))

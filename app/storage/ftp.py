@@ -15,6 +15,7 @@ import aioftp
 
 from app.storage.base import (
     CHUNK_SIZE,
+    BackupStorageDriver,
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
@@ -35,7 +36,7 @@ from app.storage.base import (
 _NETWORK = (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError)
 
 
-class FtpDriver:
+class FtpDriver(BackupStorageDriver):
     def __init__(self, config: Mapping[str, Any]) -> None:
         for name in ("host", "username"):
             if not config.get(name):

@@ -12,6 +12,7 @@ from typing import Any
 
 from app.storage.base import (
     CHUNK_SIZE,
+    BackupStorageDriver,
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
@@ -19,16 +20,17 @@ from app.storage.base import (
     Sha256Counter,
     StorageUnreachable,
     is_temp_name,
+    iter_file,
     prefix_dir,
     run_check,
     validate_key,
     validate_prefix,
 )
-from app.storage.files import fsync_path, iter_file, translate_os_error, write_stream_to_file
+from app.storage.files import copy_file, fsync_path, translate_os_error, write_stream_to_file
 from app.storage.pipeline import fsync_while, hash_file_into
 
 
-class LocalDriver:
+class LocalDriver(BackupStorageDriver):
     # Local disks take backup files past the page cache (see app.storage.pipeline).
     direct_io = True
 
@@ -49,34 +51,34 @@ class LocalDriver:
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
         target = self._path(key)
         await self._ready()
-        return await write_stream_to_file(chunks, target, self.direct_io)
+        return await write_stream_to_file(chunks, target)
 
-    async def local_root(self) -> Path:
-        """The directory holding the objects, for readers that can use files in place."""
-        await self._ready()
-        return self.root
-
-    async def adopt_file(self, key: str, source: Path) -> PutResult:
+    async def put_file(self, key: str, path: Path) -> PutResult:
         """Store a local file by moving it in when it is on the same filesystem.
 
         A backup's scratch file is thrown away after upload anyway; moving it saves writing
         the disk image a second time. Hashed and fsynced before the rename, so a reader
-        never sees a partial object. Other filesystems fall back to a streamed copy.
+        never sees a partial object. Other filesystems get a copy, then the file is removed.
         """
         target = self._path(key)
         await self._ready()
         await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-        same_fs = (await asyncio.to_thread(os.stat, source)).st_dev == (
+        same_fs = (await asyncio.to_thread(os.stat, path)).st_dev == (
             await asyncio.to_thread(os.stat, target.parent)
         ).st_dev
         if not same_fs:
-            result = await write_stream_to_file(iter_file(source), target, self.direct_io)
-            await asyncio.to_thread(source.unlink, True)
+            result = await copy_file(path, target, self.direct_io)
+            await asyncio.to_thread(path.unlink, True)
             return result
         try:
-            return await asyncio.to_thread(_hash_sync_and_move, source, target)
+            return await asyncio.to_thread(_hash_sync_and_move, path, target)
         except OSError as exc:
             raise translate_os_error(exc, f"storing {target}") from exc
+
+    async def local_path(self, key: str) -> Path:
+        path = self._path(key)
+        await self._ready()
+        return path
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         path = self._path(key)

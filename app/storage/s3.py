@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioboto3
@@ -16,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app.storage.base import (
     CHUNK_SIZE,
     MIN_READ,
+    BackupStorageDriver,
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
@@ -25,11 +27,11 @@ from app.storage.base import (
     StorageFull,
     StorageUnreachable,
     coalesce,
+    read_blocks,
     run_check,
     validate_key,
     validate_prefix,
 )
-from app.storage.files import read_blocks, unread_file
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -52,7 +54,7 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _FULL_CODES = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"}
 
 
-class S3Driver:
+class S3Driver(BackupStorageDriver):
     def __init__(self, config: Mapping[str, Any]) -> None:
         for name in ("bucket", "access_key_id", "secret_access_key"):
             if not config.get(name):
@@ -129,15 +131,19 @@ class S3Driver:
         return self._prefix + validate_key(key)
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+        counter = Sha256Counter()
+        await self._upload(key, self._parts(chunks, counter))
+        return counter.result()
+
+    async def put_file(self, key: str, path: Path) -> PutResult:
+        counter = Sha256Counter()
+        # One read per part into the very object sent: no joining, no copy.
+        await self._upload(key, read_blocks(path, self._part_size_for, counter))
+        return counter.result()
+
+    async def _upload(self, key: str, parts: AsyncIterator[bytes | bytearray]) -> None:
         s3_key = self._key(key)
         client = await self._s3()
-        counter = Sha256Counter()
-        parts: AsyncIterator[bytes | bytearray]
-        if (source := unread_file(chunks)) is not None:
-            # One read per part into the very object sent: no joining, no copy.
-            parts = read_blocks(source, self._part_size_for, counter)
-        else:
-            parts = self._parts(chunks, counter)
         first: bytes | bytearray = await anext(parts, bytearray())
         second: bytes | bytearray | None = None
         if len(first) >= self._part_size:
@@ -153,7 +159,6 @@ class S3Driver:
             head: list[bytes | bytearray] = [first, second]
             del first, second  # only the chain may hold them, so sent parts can be freed
             await self._multipart(client, key, s3_key, _chain(head, parts))
-        return counter.result()
 
     async def _parts(
         self, chunks: AsyncIterator[bytes], counter: Sha256Counter

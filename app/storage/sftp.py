@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import posixpath
 import stat
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
 
 from app.storage.base import (
     CHUNK_SIZE,
+    BackupStorageDriver,
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
@@ -24,12 +26,12 @@ from app.storage.base import (
     StorageUnreachable,
     is_temp_name,
     prefix_dir,
+    read_blocks,
     run_check,
     temp_name,
     validate_key,
     validate_prefix,
 )
-from app.storage.files import read_blocks, unread_file
 
 # Writes of a local file: big enough to keep many SFTP requests in flight.
 WRITE_BLOCK = 8 * 1024 * 1024
@@ -52,7 +54,7 @@ _LOST = (
 )
 
 
-class SftpDriver:
+class SftpDriver(BackupStorageDriver):
     def __init__(self, config: Mapping[str, Any]) -> None:
         for name in ("host", "username", "host_key"):
             if not config.get(name):
@@ -148,30 +150,43 @@ class SftpDriver:
         return StorageError(f"SFTP error while {doing} {path} on {self._where}: {reason}")
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+        counter = Sha256Counter()
+
+        async def write(f: asyncssh.SFTPClientFile) -> None:
+            async for chunk in chunks:
+                # Hash in a thread while the write is on the wire.
+                await asyncio.gather(asyncio.to_thread(counter.update, chunk), f.write(chunk))
+
+        await self._upload(key, write)
+        return counter.result()
+
+    async def put_file(self, key: str, path: Path) -> PutResult:
+        counter = Sha256Counter()
+
+        async def write(f: asyncssh.SFTPClientFile) -> None:
+            # The next block is read and hashed while this one is on the wire.
+            async for block in read_blocks(path, lambda _: WRITE_BLOCK, counter):
+                await f.write(block)
+
+        await self._upload(key, write)
+        return counter.result()
+
+    async def _upload(
+        self, key: str, write: Callable[[asyncssh.SFTPClientFile], Awaitable[None]]
+    ) -> None:
         path = self._path(key)
         tmp = temp_name(path)
         sftp = await self._client()
-        counter = Sha256Counter()
         try:
             await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
             async with sftp.open(tmp, "wb", encoding=None) as f:
-                if (source := unread_file(chunks)) is not None:
-                    # The next block is read and hashed while this one is on the wire.
-                    async for block in read_blocks(source, lambda _: WRITE_BLOCK, counter):
-                        await f.write(block)
-                else:
-                    async for chunk in chunks:
-                        # Hash in a thread while the write is on the wire.
-                        await asyncio.gather(
-                            asyncio.to_thread(counter.update, chunk), f.write(chunk)
-                        )
+                await write(f)
             await self._rename(sftp, tmp, path)
         except BaseException as exc:
             await asyncio.shield(self._remove_quietly(sftp, tmp))
             if isinstance(exc, asyncssh.Error | OSError):
                 raise await self._translate(exc, "writing", path) from None
             raise
-        return counter.result()
 
     async def _rename(self, sftp: asyncssh.SFTPClient, tmp: str, path: str) -> None:
         try:

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from app.storage import BackupStorageDriver, ObjectNotFound, PutResult, iter_file
+from app.storage import BackupStorageDriver, ObjectNotFound, PutResult
 from tests.storage.conftest import Backend
 from tests.storage.payloads import MiB, chunked, failing, payload, read_all, sha256
 
@@ -33,35 +33,33 @@ async def test_multi_part_object_round_trips_with_matching_sha256(
 
 
 @pytest.mark.parametrize("size", [0, 3 * MiB, 17 * MiB + 3])
-async def test_a_local_file_uploads_whole_with_its_sha256(
+async def test_put_file_stores_exactly_the_file_with_its_sha256(
     driver: BackupStorageDriver, uid: str, tmp_path_factory: pytest.TempPathFactory, size: int
 ) -> None:
-    # Drivers read an unread local file their own way (S3 parts of 5 MiB, SFTP blocks of
-    # 8 MiB, local copies): empty, smaller than one block, and several blocks plus a tail.
+    # Drivers store a local file their own way (S3 parts of 5 MiB, SFTP blocks of 8 MiB,
+    # local moves or copies): empty, smaller than one block, and several blocks plus a tail.
     data = payload(size, seed=11)
     src = tmp_path_factory.mktemp("source") / "src"  # outside the local backends' root
     src.write_bytes(data)
     key = f"{uid}/c/b/vda.qcow2"
 
-    result = await driver.put(key, iter_file(src))
+    result = await driver.put_file(key, src)
 
     assert result == PutResult(size=size, sha256=sha256(data))
-    assert sha256(await read_all(driver, key)) == sha256(data)
+    assert await read_all(driver, key) == data
+    assert (await driver.stat(key)).size == size
 
 
-async def test_a_file_stream_already_read_from_uploads_only_the_rest(
-    driver: BackupStorageDriver, uid: str, tmp_path_factory: pytest.TempPathFactory
+async def test_local_path_is_none_or_a_file_with_the_objects_bytes(
+    backend: Backend, driver: BackupStorageDriver, uid: str
 ) -> None:
-    data = payload(11 * MiB, seed=12)
-    src = tmp_path_factory.mktemp("source") / "src"
-    src.write_bytes(data)
-    stream = iter_file(src, MiB)
-    assert await anext(stream) == data[:MiB]
+    data = payload(3 * MiB + 5, seed=12)
+    await driver.put(f"{uid}/c/b/vda.qcow2", chunked(data))
 
-    result = await driver.put(f"{uid}/rest", stream)
+    path = await driver.local_path(f"{uid}/c/b/vda.qcow2")
 
-    assert result == PutResult(size=10 * MiB, sha256=sha256(data[MiB:]))
-    assert await read_all(driver, f"{uid}/rest") == data[MiB:]
+    assert path is None or path.read_bytes() == data
+    assert (path is not None) == (backend.kind in ("local", "nfs"))
 
 
 async def test_empty_object_round_trips(driver: BackupStorageDriver, uid: str) -> None:

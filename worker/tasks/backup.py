@@ -35,7 +35,6 @@ from app.models import (
 )
 from app.queues import JobQueue
 from app.storage.base import BackupStorageDriver, StorageError, StorageFull, StorageUnreachable
-from app.storage.files import put_file
 from worker.context import WorkerContext
 from worker.tasks.backup_decision import Decision, decide, disk_set
 from worker.tasks.heartbeat import keep_alive
@@ -343,7 +342,7 @@ async def _store(
                     virt.rebase_onto, f.path, f"../{decision.parent_id}/{f.target}.qcow2"
                 )
             key = f"{prefix}/{f.target}.qcow2"
-            result = await put_file(driver, key, f.path)
+            result = await driver.put_file(key, f.path)
             stored.append(Stored(f.target, key, result.size, result.sha256))
             work.progress[0] = 80 + int(20 * len(stored) / len(files))
         manifest = {
