@@ -127,18 +127,14 @@ async def _create_token(email: str, name: str) -> None:
 
 async def _run_backup(backup_id: str) -> None:
     from app.config import get_settings
-    from app.db import build_engine, build_sessionmaker
+    from worker.jobs import RESOURCES, Resources
     from worker.tasks.backup import run_backup
 
-    settings = get_settings()
-    engine = build_engine(settings)
+    res = Resources.open(get_settings(), None)
     try:
-        result = await run_backup(
-            {"settings": settings, "sessionmaker": build_sessionmaker(engine), "job_try": 1},
-            backup_id,
-        )
+        result = await run_backup({RESOURCES: res, "job_try": 1}, backup_id)
     finally:
-        await engine.dispose()
+        await res.close()
     print(result)
 
 

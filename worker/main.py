@@ -23,6 +23,7 @@ from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker
 from app.models import Hypervisor
 from app.queues import CONTROL_QUEUE, hypervisor_queue
+from worker.jobs import RESOURCES, JobContext, Resources
 from worker.tasks.backup import run_backup
 from worker.tasks.control import tick
 from worker.tasks.deletion import delete_backup_files
@@ -48,31 +49,35 @@ async def _find_hypervisor(settings: Settings, name: str) -> Hypervisor:
     return hv
 
 
-def _job(function: Any) -> Any:
-    """arq types a job's context as a plain dict; ours is the WorkerContext TypedDict."""
-    return function
+def _hooks(settings: Settings) -> dict[str, Any]:
+    """arq's startup and shutdown hooks: each worker builds its Resources, and disposes them."""
+
+    async def on_startup(ctx: JobContext) -> None:
+        ctx[RESOURCES] = Resources.open(settings, ctx.get("redis"))
+
+    async def on_shutdown(ctx: JobContext) -> None:
+        if (res := ctx.pop(RESOURCES, None)) is not None:
+            await res.close()
+
+    return {"on_startup": on_startup, "on_shutdown": on_shutdown}
 
 
 def _workers(
     settings: Settings, hypervisor: Hypervisor | None, control: bool
 ) -> list[tuple[str, Callable[[], Worker]]]:
     """(queue name, factory) per queue served: each call makes a fresh arq Worker (_serve)."""
-    engine = build_engine(settings)
-    ctx: dict[str, Any] = {"settings": settings, "sessionmaker": build_sessionmaker(engine)}
     redis = RedisSettings.from_dsn(settings.redis_url)
     workers: list[tuple[str, Callable[[], Worker]]] = []
     if control:
 
         def control_worker() -> Worker:
             return Worker(
-                functions=[
-                    func(_job(delete_backup_files), max_tries=DELETE_MAX_TRIES, timeout=600)
-                ],
-                cron_jobs=[cron(_job(tick), run_at_startup=True, unique=True, timeout=300)],
+                functions=[func(delete_backup_files, max_tries=DELETE_MAX_TRIES, timeout=600)],
+                cron_jobs=[cron(tick, run_at_startup=True, unique=True, timeout=300)],
                 queue_name=CONTROL_QUEUE,
                 redis_settings=redis,
-                ctx=dict(ctx),
                 handle_signals=False,
+                **_hooks(settings),
             )
 
         workers.append((CONTROL_QUEUE, control_worker))
@@ -82,17 +87,19 @@ def _workers(
         def hypervisor_worker() -> Worker:
             return Worker(
                 functions=[
-                    func(_job(run_backup), timeout=BACKUP_TIMEOUT_S, max_tries=2),
-                    # A second try only cleans up after a dead worker (see _recover_interrupted).
-                    func(_job(run_restore), timeout=RESTORE_TIMEOUT_S, max_tries=2),
+                    func(run_backup, name="run_backup", timeout=BACKUP_TIMEOUT_S, max_tries=2),
+                    # A second try only cleans up after a dead worker (Job.recover).
+                    func(run_restore, name="run_restore", timeout=RESTORE_TIMEOUT_S, max_tries=2),
                     # No kept result: the next verify of the same backup may reuse its job id.
-                    func(_job(verify_backup), timeout=VERIFY_TIMEOUT_S, keep_result=0),
+                    func(
+                        verify_backup, name="verify_backup", timeout=VERIFY_TIMEOUT_S, keep_result=0
+                    ),
                 ],
                 queue_name=queue,
                 max_jobs=max_jobs,
                 redis_settings=redis,
-                ctx=dict(ctx),
                 handle_signals=False,
+                **_hooks(settings),
             )
 
         workers.append((queue, hypervisor_worker))

@@ -9,16 +9,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.schemas import BackupRead
 from app.backups.service import read_backup
-from app.engine.chains import active_work, chain_states, planning_state
+from app.engine.chains import busy, chain_states
 from app.errors import Conflict
 from app.instances.service import get_instance
 from app.models import Backup, BackupPolicy, User
 from app.queues import JobQueue, enqueue_backup
-from app.scheduling import Plan, Schedule, plan_backup
-from app.values import Frequency
-
-# Without a policy there is no chain length to respect: every manual backup is a full.
-NO_POLICY = "no backup policy: a manual backup without one is always a full"
+from app.scheduling import plan_now
+from app.values import BackupDevice, BackupStatus, BackupType, InstanceStatus
 
 
 async def backup_now(
@@ -26,43 +23,31 @@ async def backup_now(
 ) -> BackupRead:
     # The instance row lock serialises concurrent requests (Backup now, restore) per instance.
     instance = await get_instance(session, user, instance_id, for_update=True)
-    if instance.status != "deployed":
+    if instance.status != InstanceStatus.DEPLOYED:
         raise Conflict(f"Instance is {instance.status}")
-    busy = await active_work(session, instance.id)
-    if busy is not None:
-        raise Conflict(f"{busy}; try again when it has finished")
+    if (work := await busy(session, instance.id)) is not None:
+        raise Conflict(f"{work}; try again when it has finished")
     policy = (
         await session.get(BackupPolicy, instance.backup_policy_id)
         if instance.backup_policy_id
         else None
     )
-    device = policy.backup_device if policy is not None else "primary"
-    chain = (await chain_states(session, [instance.id]))[instance.id]
-    state = planning_state(chain, device)
+    device = policy.backup_device if policy is not None else BackupDevice.PRIMARY
+    state = (await chain_states(session, [instance.id]))[instance.id].planning_state(device)
     now = datetime.now(UTC)
-    if policy is None and not force_full:
-        plan = Plan("full", NO_POLICY)
-    else:
-        # A daily-like decision: incremental while the chain has room, else a new full.
-        plan = plan_backup(
-            Schedule(Frequency.DAILY, 0),
-            policy.max_incremental_chain if policy is not None else 0,
-            state,
-            now.date(),
-            force_full=force_full,
-        )
+    plan = plan_now(policy.max_incremental_chain if policy else None, state, force_full)
     backup = Backup(
         id=uuid.uuid4(),
         instance_id=instance.id,
         policy_id=policy.id if policy is not None else None,
-        type="incremental" if plan.kind == "incremental" else "full",
-        status="pending",
+        type=BackupType.INCREMENTAL if plan.kind == "incremental" else BackupType.FULL,
+        status=BackupStatus.PENDING,
         manual=True,
         backup_device=device,
         scheduled_for=now,
         created_at=now,
         plan_reason=plan.reason,
-        chain_reset_reason=state.reset_reason if state and not state.base_usable else None,
+        chain_reset_reason=state.reset_reason if state else None,
     )
     session.add(backup)
     await session.flush()

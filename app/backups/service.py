@@ -11,9 +11,10 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.schemas import BackupDeletion, BackupFileRead, BackupRead
+from app.engine.chains import busy
 from app.engine.lifecycle import mark_for_deletion
 from app.errors import Conflict, NotFound
-from app.models import Backup, BackupFile, Hypervisor, Instance, Location, Restore, User
+from app.models import Backup, BackupFile, Hypervisor, Instance, Location, User
 from app.queues import JobQueue, enqueue_verify
 from app.schemas import backup_costs, size_human
 
@@ -135,28 +136,10 @@ async def delete_backup(
     await session.refresh(backup, with_for_update=True)
     if backup.status == "deleting":
         return BackupDeletion(backup_ids=[backup.id])
-    restoring = await session.scalar(
-        select(Restore.id)
-        .where(
-            Restore.instance_id == backup.instance_id,
-            Restore.status.in_(("pending", "in_progress")),
-        )
-        .limit(1)
-    )
-    if restoring is not None:  # its files may be the very chain being read
-        raise Conflict("A restore of this instance is running; delete backups when it finishes")
-    running = await session.scalar(
-        select(Backup.id)
-        .where(Backup.instance_id == backup.instance_id, Backup.status == "in_progress")
-        .limit(1)
-    )
-    if running is not None:
-        # A running incremental is being built on this instance's chain tip: deleting the
-        # chain under it would leave an incremental whose parent is gone.
-        raise Conflict(
-            "A backup of this instance is in progress; delete backups when it finishes",
-            backup_ids=[str(running)],
-        )
+    # A restore may be reading this very chain, an incremental building on its tip.
+    if (work := await busy(session, backup.instance_id)) is not None:
+        extra = {"backup_ids": [str(work.id)]} if work.kind == "backup" else {}
+        raise Conflict(f"{work}; delete backups when it finishes", **extra)
     doomed = [backup, *await dependants_of(session, backup)]
     if len(doomed) > 1 and not cascade:
         names = ", ".join(f"{b.type} {b.id}" for b in doomed[1:])

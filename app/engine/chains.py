@@ -1,4 +1,5 @@
-"""Where each instance's backup chain stands, read from the catalog in a few batch queries."""
+"""Where each instance's backup chain stands, and whether it is busy: read from the catalog in
+a few batch queries. What to do with it is decided in app.scheduling.plan."""
 
 from __future__ import annotations
 
@@ -7,50 +8,28 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select, union_all
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Backup, BackupChain, Restore
-from app.scheduling import ChainInfo, ChainState
-
-RESTORED = "instance was restored from a backup"
-ACTIVE = ("pending", "in_progress")
-
-
-@dataclass(frozen=True)
-class InstanceChain:
-    """The instance's current chain: what planning needs and what an incremental builds on."""
-
-    state: ChainState | None  # None: the instance has never had a backup
-    chain_id: uuid.UUID | None
-    tip_id: uuid.UUID | None  # newest completed backup of the chain: an incremental's parent
-    tip_checkpoint: str | None
-    backup_device: str | None
-    disks: list[dict[str, object]]
-    busy: bool  # a backup or a restore is pending or in progress
-
-
-DEVICE_CHANGED = "backup device setting changed"
-
-
-def planning_state(chain: InstanceChain, backup_device: str) -> ChainState | None:
-    """The chain state to plan with: a chain of other disks cannot take an incremental."""
-    state = chain.state
-    if state is not None and state.base_usable and chain.backup_device != backup_device:
-        return ChainState(state.incrementals, False, DEVICE_CHANGED)
-    return state
+from app.scheduling import FULL_FAILED, RESTORED, Chain, ChainInfo, ChainState
+from app.values import ACTIVE, BackupStatus, BackupType, RestoreTarget
 
 
 async def chain_states(
     session: AsyncSession, instance_ids: Collection[uuid.UUID]
-) -> dict[uuid.UUID, InstanceChain]:
+) -> dict[uuid.UUID, Chain]:
     if not instance_ids:
         return {}
     ids = list(instance_ids)
     latest_full = (
         select(Backup.instance_id, Backup.chain_id, Backup.created_at)
-        .where(Backup.instance_id.in_(ids), Backup.type == "full", Backup.status == "completed")
+        .where(
+            Backup.instance_id.in_(ids),
+            Backup.type == BackupType.FULL,
+            Backup.status == BackupStatus.COMPLETED,
+        )
         .ext(distinct_on(Backup.instance_id))
         .order_by(Backup.instance_id, Backup.created_at.desc())
     )
@@ -59,32 +38,14 @@ async def chain_states(
         select(Backup.instance_id, Backup.status, Backup.created_at)
         .where(
             Backup.instance_id.in_(ids),
-            Backup.type == "full",
-            Backup.status.in_(("completed", "failed")),
+            Backup.type == BackupType.FULL,
+            Backup.status.in_((BackupStatus.COMPLETED, BackupStatus.FAILED)),
         )
         .ext(distinct_on(Backup.instance_id))
         .order_by(Backup.instance_id, Backup.created_at.desc())
     )
     attempts = {r.instance_id: r for r in (await session.execute(latest_attempt)).all()}
-    busy = set(
-        (
-            await session.scalars(
-                select(Backup.instance_id)
-                .where(Backup.instance_id.in_(ids), Backup.status.in_(ACTIVE))
-                .distinct()
-            )
-        ).all()
-    )
-    # A restore and a backup of one instance never run at the same time.
-    busy |= set(
-        (
-            await session.scalars(
-                select(Restore.instance_id)
-                .where(Restore.instance_id.in_(ids), Restore.status.in_(ACTIVE))
-                .distinct()
-            )
-        ).all()
-    )
+    busy = await busy_instances(session, ids)
     # An in-place restore rewrote the disk: the checkpoints no longer describe it.
     restored = {
         r.instance_id: r.completed_at
@@ -93,8 +54,8 @@ async def chain_states(
                 select(Restore.instance_id, Restore.completed_at)
                 .where(
                     Restore.instance_id.in_(ids),
-                    Restore.target == "in_place",
-                    Restore.status == "completed",
+                    Restore.target == RestoreTarget.IN_PLACE,
+                    Restore.status == BackupStatus.COMPLETED,
                 )
                 .ext(distinct_on(Restore.instance_id))
                 .order_by(Restore.instance_id, Restore.completed_at.desc().nulls_last())
@@ -108,7 +69,7 @@ async def chain_states(
     if chain_ids:
         tip_rows = (
             select(Backup.chain_id, Backup.id, Backup.checkpoint_name, Backup.completed_at)
-            .where(Backup.chain_id.in_(chain_ids), Backup.status == "completed")
+            .where(Backup.chain_id.in_(chain_ids), Backup.status == BackupStatus.COMPLETED)
             .ext(distinct_on(Backup.chain_id))
             .order_by(Backup.chain_id, Backup.created_at.desc())
         )
@@ -119,8 +80,8 @@ async def chain_states(
             select(Backup.chain_id, func.count())
             .where(
                 Backup.chain_id.in_(chain_ids),
-                Backup.type == "incremental",
-                Backup.status == "completed",
+                Backup.type == BackupType.INCREMENTAL,
+                Backup.status == BackupStatus.COMPLETED,
             )
             .group_by(Backup.chain_id)
         )
@@ -132,7 +93,7 @@ async def chain_states(
         ):
             chains[chain.id] = chain
 
-    result: dict[uuid.UUID, InstanceChain] = {}
+    result: dict[uuid.UUID, Chain] = {}
     for instance_id in ids:
         full = fulls.get(instance_id)
         attempt = attempts.get(instance_id)
@@ -140,24 +101,24 @@ async def chain_states(
         if full is None or full.chain_id is None:
             state = None
             if attempt is not None:  # only failed fulls so far
-                state = ChainState(0, False, "previous full backup failed")
-            result[instance_id] = InstanceChain(state, None, None, None, None, [], is_busy)
+                state = ChainState(0, False, FULL_FAILED)
+            result[instance_id] = Chain(state, busy=is_busy)
             continue
         found = chains.get(full.chain_id)
         tip_id, tip_checkpoint, tip_done = tips.get(full.chain_id, (None, None, None))
-        usable = attempt is None or attempt.status == "completed"
-        reason = None if usable else "previous full backup failed"
+        usable = attempt is None or attempt.status == BackupStatus.COMPLETED
+        reason = None if usable else FULL_FAILED
         restored_at = restored.get(instance_id)
         if usable and restored_at is not None and (tip_done is None or restored_at > tip_done):
             usable, reason = False, RESTORED
         state = ChainState(incrementals.get(full.chain_id, 0), usable, reason)
-        result[instance_id] = InstanceChain(
+        result[instance_id] = Chain(
             state=state,
             chain_id=full.chain_id,
             tip_id=tip_id,
             tip_checkpoint=tip_checkpoint,
             backup_device=found.backup_device if found else None,
-            disks=list(found.disks) if found else [],
+            disks=tuple(found.disks) if found else (),
             busy=is_busy,
         )
     return result
@@ -171,8 +132,8 @@ async def completed_chains(session: AsyncSession, instance_id: uuid.UUID) -> lis
             .join(Backup, Backup.chain_id == BackupChain.id)
             .where(
                 BackupChain.instance_id == instance_id,
-                Backup.type == "full",
-                Backup.status == "completed",
+                Backup.type == BackupType.FULL,
+                Backup.status == BackupStatus.COMPLETED,
             )
             .group_by(BackupChain.id)
             .order_by(func.min(Backup.created_at))
@@ -181,20 +142,59 @@ async def completed_chains(session: AsyncSession, instance_id: uuid.UUID) -> lis
     return [ChainInfo(id=r[0], started_at=r[1], full_completed=True) for r in rows]
 
 
-async def active_work(session: AsyncSession, instance_id: uuid.UUID) -> str | None:
-    """Why the instance cannot start a backup or a restore now, or None when it can."""
-    backup = await session.scalar(
-        select(Backup.status)
-        .where(Backup.instance_id == instance_id, Backup.status.in_(ACTIVE))
-        .limit(1)
-    )
-    if backup is not None:
-        return f"A backup of this instance is {backup.replace('_', ' ')}"
-    restore = await session.scalar(
-        select(Restore.status)
-        .where(Restore.instance_id == instance_id, Restore.status.in_(ACTIVE))
-        .limit(1)
-    )
-    if restore is not None:
-        return f"A restore of this instance is {restore.replace('_', ' ')}"
-    return None
+@dataclass(frozen=True)
+class Busy:
+    """Work that holds an instance: a backup or a restore, queued or running."""
+
+    kind: str  # "backup" or "restore"
+    status: str
+    id: uuid.UUID  # of the backup or restore
+
+    def __str__(self) -> str:
+        return f"A {self.kind} of this instance is {self.status.replace('_', ' ')}"
+
+
+async def busy_instances(
+    session: AsyncSession,
+    instance_ids: Collection[uuid.UUID],
+    *,
+    running_only: bool = False,
+    besides: uuid.UUID | None = None,
+) -> dict[uuid.UUID, Busy]:
+    """The one answer to "is this instance busy?", for every caller.
+
+    An instance with a backup or a restore queued or running takes no other backup, restore or
+    delete. The jobs' own claims ask with `running_only` and `besides` (their own row): work
+    queued beside them is serialised by the claims themselves, one at a time.
+    """
+    if not instance_ids:
+        return {}
+    statuses = (BackupStatus.IN_PROGRESS,) if running_only else ACTIVE
+    parts = []
+    for kind, model in (("backup", Backup), ("restore", Restore)):
+        query = select(
+            model.instance_id, literal(kind).label("kind"), model.status, model.id
+        ).where(model.instance_id.in_(list(instance_ids)), model.status.in_(statuses))
+        if besides is not None:
+            query = query.where(model.id != besides)
+        parts.append(query)
+    rows = (await session.execute(union_all(*parts))).all()
+    busy: dict[uuid.UUID, Busy] = {}
+    # A running job says more than a queued one.
+    for instance_id, kind, status, row_id in sorted(
+        rows, key=lambda r: r[2] != BackupStatus.IN_PROGRESS
+    ):
+        busy.setdefault(instance_id, Busy(kind, status, row_id))
+    return busy
+
+
+async def busy(
+    session: AsyncSession,
+    instance_id: uuid.UUID,
+    *,
+    running_only: bool = False,
+    besides: uuid.UUID | None = None,
+) -> Busy | None:
+    """busy_instances for one instance."""
+    found = await busy_instances(session, [instance_id], running_only=running_only, besides=besides)
+    return found.get(instance_id)

@@ -1,8 +1,10 @@
-"""What happens around a backup's run: retention, the policy's status, stale work."""
+"""What happens around a backup's run: its completion in the catalog, retention, the policy's
+status, stale work."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,9 +12,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import completed_chains
-from app.models import Backup, BackupPolicy, Instance, Restore
+from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Instance, Restore
 from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
-from app.scheduling import chains_to_delete
+from app.scheduling import Decision, chains_to_delete
+from app.values import BackupStatus, BackupType
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
 NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
@@ -21,6 +24,96 @@ RESTORE_WORKER_LOST = (
     "image is whole and checked; check the instance before retrying"
 )
 RESTORE_NEVER_STARTED = "Restore never started: is the hypervisor's worker running?"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One disk's image as the job stored it."""
+
+    target: str
+    key: str
+    size: int
+    sha256: str
+
+
+class TakenOver(Exception):
+    """The backup was no longer in progress when its completion was recorded."""
+
+
+async def record_completion(
+    session: AsyncSession,
+    backup_id: uuid.UUID,
+    decision: Decision,
+    disks: list[dict[str, object]],
+    storage_id: uuid.UUID | None,
+    checkpoint: str,
+    stored: list[StoredFile],
+    completed_at: datetime,
+    jobs: JobQueue,
+) -> Backup:
+    """A backup's files are stored: the catalog says so (its chain, files and outcome), then
+    retention runs and the policy's status follows. `disks`: target and size of each disk."""
+    if decision.type == BackupType.FULL:
+        backup = await session.get(Backup, backup_id)
+        assert backup is not None
+        session.add(
+            BackupChain(
+                id=decision.chain_id,
+                instance_id=backup.instance_id,
+                policy_id=backup.policy_id,
+                backup_device=backup.backup_device,
+                disks=disks,
+                storage_id=storage_id,
+                created_at=completed_at,
+            )
+        )
+        await session.flush()
+    for s in stored:
+        session.add(
+            BackupFile(
+                id=uuid.uuid4(),
+                backup_id=backup_id,
+                disk_target=s.target,
+                object_key=s.key,
+                size_bytes=s.size,
+                sha256=s.sha256,
+                created_at=completed_at,
+            )
+        )
+    planned = await session.scalar(select(Backup.type).where(Backup.id == backup_id))
+    converted = planned != decision.type
+    values: dict[str, Any] = {
+        "status": BackupStatus.COMPLETED,
+        "type": decision.type,
+        "chain_id": decision.chain_id,
+        "parent_id": decision.parent_id,
+        "checkpoint_name": checkpoint,
+        "size_bytes": sum(s.size for s in stored),
+        "storage_id": storage_id,
+        "completed_at": completed_at,
+        "heartbeat_at": completed_at,
+        "progress": 100,
+    }
+    if decision.reset_reason and (converted or decision.type == BackupType.FULL):
+        values["chain_reset_reason"] = decision.reset_reason
+    if converted:
+        values["plan_reason"] = f"full backup: {decision.reset_reason}"
+    done: Backup | None = await session.scalar(
+        update(Backup)
+        .where(Backup.id == backup_id, Backup.status == BackupStatus.IN_PROGRESS)
+        .values(**values)
+        .returning(Backup)
+    )
+    if done is None:
+        raise TakenOver("The backup was taken over by another worker")
+    if decision.type == BackupType.FULL and done.policy_id is not None:
+        retention = await session.scalar(
+            select(BackupPolicy.retention_count).where(BackupPolicy.id == done.policy_id)
+        )
+        if retention is not None:
+            await apply_retention(session, done.instance_id, retention, decision.chain_id, jobs)
+    await record_success(session, done)
+    return done
 
 
 async def apply_retention(

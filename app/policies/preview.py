@@ -45,7 +45,8 @@ async def schedule_preview(
                     }
                 ],
             )
-        state = (await chain_states(session, [instance_id]))[instance_id].state
+        chain = (await chain_states(session, [instance_id]))[instance_id]
+        state = chain.planning_state(policy.backup_device)
     schedule, zone = policy.schedule, resolve_zone(zone_name)
     runs: list[SchedulePreviewRun] = []
     cursor = now or datetime.now(UTC)

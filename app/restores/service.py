@@ -9,7 +9,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.service import get_backup_row
-from app.engine.chains import active_work
+from app.engine.chains import busy
 from app.errors import Conflict, NotFound
 from app.instances.service import get_instance
 from app.models import Instance, Restore, User
@@ -56,9 +56,8 @@ async def start_restore(
         raise Conflict(
             f"Instance must be stopped for an in-place restore (status: {instance.status})"
         )
-    busy = await active_work(session, instance.id)
-    if busy is not None:
-        raise Conflict(f"{busy}; try again when it has finished")
+    if (work := await busy(session, instance.id)) is not None:
+        raise Conflict(f"{work}; try again when it has finished")
     restore = Restore(
         id=uuid.uuid4(),
         backup_id=backup.id,

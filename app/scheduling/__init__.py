@@ -4,7 +4,21 @@ No I/O here: everything is a function of its arguments (property-tested in
 ``tests/scheduling``).
 """
 
-from app.scheduling.plan import ChainState, Plan, PlanKind, plan_backup
+from app.scheduling.plan import (
+    DEVICE_CHANGED,
+    FULL_FAILED,
+    NO_POLICY,
+    RESTORED,
+    Chain,
+    ChainState,
+    Decision,
+    Plan,
+    PlanKind,
+    decide,
+    plan_backup,
+    plan_now,
+    why_not_incremental,
+)
 from app.scheduling.retention import ChainInfo, chains_to_delete
 from app.scheduling.schedule import (
     FREQUENCIES,
@@ -27,10 +41,16 @@ from app.scheduling.times import (
 from app.values import Frequency, Weekday
 
 __all__ = [
+    "DEVICE_CHANGED",
     "FREQUENCIES",
+    "FULL_FAILED",
+    "NO_POLICY",
+    "RESTORED",
     "WEEKDAYS",
+    "Chain",
     "ChainInfo",
     "ChainState",
+    "Decision",
     "Frequency",
     "Plan",
     "PlanKind",
@@ -38,15 +58,18 @@ __all__ = [
     "Weekday",
     "ZoneLike",
     "chains_to_delete",
+    "decide",
     "format_hour",
     "is_full_day",
     "local_weekday",
     "missed_slot_action",
     "next_run_at",
     "plan_backup",
+    "plan_now",
     "resolve_zone",
     "run_on_local_date",
     "schedule_summary",
     "slot_local_date",
     "upcoming_runs",
+    "why_not_incremental",
 ]

@@ -18,6 +18,7 @@ from tests.worker.conftest import (  # noqa: F401  (fixtures shared with the wor
     World,
     libvirtd,
     make_vm,
+    make_world,
     real_sessionmaker,
     worker_ctx,
     world,

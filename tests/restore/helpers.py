@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.models import Backup, BackupFile, Instance, Restore
 from tests.virt import vmkit
 from tests.worker.conftest import World
-from worker.context import WorkerContext
+from worker.jobs import JobContext
 from worker.tasks.backup import run_backup
 from worker.tasks.restore import run_restore
 from worker.tasks.verify import verify_backup
@@ -22,7 +22,7 @@ Maker = async_sessionmaker[AsyncSession]
 DISKS = ("vda", "vdb")
 
 
-async def take_backup(ctx: WorkerContext, maker: Maker, world: World, type_: str) -> Backup:
+async def take_backup(ctx: JobContext, maker: Maker, world: World, type_: str) -> Backup:
     now = datetime.now(UTC)
     async with maker() as session:
         backup = Backup(
@@ -49,7 +49,7 @@ async def get_backup(maker: Maker, backup_id: uuid.UUID) -> Backup:
 
 
 async def restore(
-    ctx: WorkerContext, maker: Maker, world: World, backup_id: uuid.UUID, target: str
+    ctx: JobContext, maker: Maker, world: World, backup_id: uuid.UUID, target: str
 ) -> Restore:
     async with maker() as session:
         row = Restore(
@@ -70,7 +70,7 @@ async def restore(
         return done
 
 
-async def verify(ctx: WorkerContext, maker: Maker, backup_id: uuid.UUID) -> Backup:
+async def verify(ctx: JobContext, maker: Maker, backup_id: uuid.UUID) -> Backup:
     await verify_backup(ctx, str(backup_id))
     return await get_backup(maker, backup_id)
 

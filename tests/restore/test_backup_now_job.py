@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tests.restore.helpers import Maker, get_backup, snap
 from tests.virt import vmkit
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
-from worker.context import WorkerContext
+from worker.jobs import JobContext, resources
 from worker.tasks.backup import run_backup
 from worker.tasks.control import schedule_verifications
 from worker.tasks.restore import run_restore
@@ -34,7 +35,7 @@ async def _headers(maker: Maker, world: World) -> dict[str, str]:
 
 async def _backup_now(
     client: httpx.AsyncClient,
-    ctx: WorkerContext,
+    ctx: JobContext,
     maker: Maker,
     world: World,
     headers: dict[str, str],
@@ -51,7 +52,7 @@ async def _backup_now(
 
 async def test_backup_now_then_restore_through_the_api(
     world: World,
-    worker_ctx: WorkerContext,
+    worker_ctx: JobContext,
     real_sessionmaker: Maker,
     real_client: httpx.AsyncClient,
     arq_redis: ArqRedis,
@@ -87,9 +88,8 @@ async def test_backup_now_then_restore_through_the_api(
         assert virt.compare_images(Path(done["result"][target]), expected[target]), target
 
     # The periodic verifier picks the newest backup of the instance once it is due.
-    settings = worker_ctx["settings"].model_copy(update={"verify_interval_hours": 24.0})
-    assert (
-        await schedule_verifications({**worker_ctx, "settings": settings}, datetime.now(UTC)) == 1
-    )
+    res = resources(worker_ctx)
+    settings = res.settings.model_copy(update={"verify_interval_hours": 24.0})
+    assert await schedule_verifications(replace(res, settings=settings), datetime.now(UTC)) == 1
     newest = planned["id"]
     assert await arq_redis.zscore(queue, f"verify:{newest}") is not None

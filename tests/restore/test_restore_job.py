@@ -26,11 +26,11 @@ from tests.storage.servers import Server
 from tests.virt import vmkit
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
-from worker.context import WorkerContext
+from worker.jobs import JobContext
 
 
 async def _chain(
-    ctx: WorkerContext, maker: Maker, world: World, tmp_path: Path, incrementals: int
+    ctx: JobContext, maker: Maker, world: World, tmp_path: Path, incrementals: int
 ) -> list[tuple[Backup, dict[str, Path]]]:
     """A full and N incrementals, with each disk's content saved at every point."""
     vm = world.vm
@@ -49,7 +49,7 @@ async def _chain(
 
 
 async def _restore_every_point(
-    ctx: WorkerContext, maker: Maker, world: World, points: list[tuple[Backup, dict[str, Path]]]
+    ctx: JobContext, maker: Maker, world: World, points: list[tuple[Backup, dict[str, Path]]]
 ) -> None:
     for backup, expected in points:
         done = await restore(ctx, maker, world, backup.id, "new_disk")
@@ -107,7 +107,7 @@ async def _move_to_s3(maker: Maker, world: World, server: Server, backups: list[
 
 async def test_every_point_of_a_chain_restores_from_local_storage_and_from_s3(
     world: World,
-    worker_ctx: WorkerContext,
+    worker_ctx: JobContext,
     real_sessionmaker: Maker,
     tmp_path: Path,
     s3_server: Server,
@@ -119,7 +119,7 @@ async def test_every_point_of_a_chain_restores_from_local_storage_and_from_s3(
 
 
 async def test_in_place_restore_of_a_stopped_vm_then_the_next_backup_is_a_full(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     maker, vm = real_sessionmaker, world.vm
     points = await _chain(worker_ctx, maker, world, tmp_path, incrementals=2)
@@ -153,7 +153,7 @@ async def test_in_place_restore_of_a_stopped_vm_then_the_next_backup_is_a_full(
 
 
 async def test_in_place_restore_fails_when_libvirt_says_running_and_leaves_the_disk(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     maker, vm = real_sessionmaker, world.vm
     full = await take_backup(worker_ctx, maker, world, "full")
@@ -173,7 +173,7 @@ async def test_in_place_restore_fails_when_libvirt_says_running_and_leaves_the_d
 
 
 async def test_tampered_or_missing_stored_files_fail_before_touching_the_instance(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     maker, vm = real_sessionmaker, world.vm
     points = await _chain(worker_ctx, maker, world, tmp_path, incrementals=1)
@@ -222,7 +222,7 @@ async def test_tampered_or_missing_stored_files_fail_before_touching_the_instanc
 
 
 async def test_a_backup_does_not_start_while_a_restore_runs(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     maker = real_sessionmaker
     async with maker() as session:

@@ -7,12 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.scheduling import (
+    DEVICE_CHANGED,
+    NO_POLICY,
     WEEKDAYS,
+    Chain,
     ChainState,
     Plan,
     Schedule,
     Weekday,
     plan_backup,
+    plan_now,
     slot_local_date,
     upcoming_runs,
 )
@@ -214,3 +218,26 @@ def test_weekly_full_lands_on_local_weekday(
     assert len(fulls) >= 3
     assert all(weekday_name(s) == day for s in fulls)
     assert all(p.kind != "skip" for p in plans)
+
+
+# --- Backup now -----------------------------------------------------------------------
+
+
+def test_backup_now_grows_the_chain_like_a_daily_run() -> None:
+    assert plan_now(2, chain(0), False) == Plan("incremental", "incremental 1 of 2")
+    assert plan_now(2, chain(2), False) == Plan("full", "chain reached 2 incrementals")
+    assert plan_now(0, chain(0), False) == Plan("full", "full-only policy")
+    assert plan_now(2, None, False) == Plan("full", "first backup of the instance")
+
+
+def test_backup_now_without_a_policy_is_always_a_full() -> None:
+    assert plan_now(None, chain(1), False) == Plan("full", NO_POLICY)
+    assert plan_now(None, None, False) == Plan("full", NO_POLICY)
+    assert plan_now(None, chain(1), True) == Plan("full", "full backup requested")
+
+
+def test_a_chain_of_other_disks_plans_a_full() -> None:
+    other = Chain(chain(1), backup_device="primary")
+    assert other.planning_state("all") == ChainState(1, False, DEVICE_CHANGED)
+    assert other.planning_state("primary") == chain(1)
+    assert plan_now(6, other.planning_state("all"), False) == Plan("full", DEVICE_CHANGED)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from app.models import BackupPolicy, BackupStorage, Hypervisor, Instance, User
 from tests.factories import create_instance, create_location, create_policy, create_user
 from tests.virt.conftest import libvirtd, make_vm  # noqa: F401  (fixtures shared with virt)
 from tests.virt.vmkit import VM, VMFactory
-from worker.context import WorkerContext
+from worker.jobs import RESOURCES, JobContext, Resources
 
 
 @pytest.fixture
@@ -27,13 +27,8 @@ def real_sessionmaker(committed_engine: AsyncEngine) -> async_sessionmaker[Async
 @pytest.fixture
 def worker_ctx(
     real_sessionmaker: async_sessionmaker[AsyncSession], settings: Settings, arq_redis: ArqRedis
-) -> WorkerContext:
-    return {
-        "sessionmaker": real_sessionmaker,
-        "settings": settings,
-        "redis": arq_redis,
-        "job_try": 1,
-    }
+) -> JobContext:
+    return {RESOURCES: Resources(settings, real_sessionmaker, arq_redis), "job_try": 1}
 
 
 @dataclass
@@ -49,49 +44,70 @@ class World:
     policy: BackupPolicy
 
 
+WorldFactory = Callable[..., Awaitable[World]]
+
+
 @pytest.fixture
-async def world(
+def make_world(
     make_vm: VMFactory,  # noqa: F811
     real_sessionmaker: async_sessionmaker[AsyncSession],
     tmp_path: Path,
-) -> AsyncIterator[World]:
-    vm = make_vm("job")
-    storage_dir = tmp_path / "storage"
-    storage_dir.mkdir()
-    async with real_sessionmaker() as session:
-        user = await create_user(session, timezone="Europe/Paris")
-        location = await create_location(session, backup_price_per_gb_month="0.05")
-        storage = BackupStorage(
-            id=uuid.uuid4(),
-            name=f"local-{uuid.uuid4().hex[:6]}",
-            kind="local",
-            config={"path": str(storage_dir)},
-            status="unknown",
-        )
-        session.add(storage)
-        await session.flush()
-        hypervisor = Hypervisor(
-            id=uuid.uuid4(),
-            name=f"hv-{uuid.uuid4().hex[:6]}",
-            location_id=location.id,
-            libvirt_uri=vm.uri,
-            backup_storage_id=storage.id,
-            max_concurrent_backups=2,
-            scratch_dir=str(tmp_path / "scratch"),
-        )
-        session.add(hypervisor)
-        await session.flush()
-        policy = await create_policy(session, user, backup_device="all", max_incremental_chain=6)
-        instance = await create_instance(
-            session,
-            user,
-            hypervisor_id=hypervisor.id,
-            domain_name=vm.name,
-            backup_policy_id=policy.id,
-            disks=[
-                {"target": "vda", "boot": True, "size_bytes": 64 * 1024**2},
-                {"target": "vdb", "boot": False, "size_bytes": 32 * 1024**2},
-            ],
-        )
-        await session.commit()
-    yield World(vm, user, storage, storage_dir, hypervisor, instance, policy)
+) -> WorldFactory:
+    """Builds a World whose policy has exactly the settings the test passes."""
+
+    async def build(
+        *, backup_device: str, max_incremental_chain: int, retention_count: int
+    ) -> World:
+        vm = make_vm("job")
+        storage_dir = tmp_path / "storage"
+        storage_dir.mkdir()
+        async with real_sessionmaker() as session:
+            user = await create_user(session, timezone="Europe/Paris")
+            location = await create_location(session, backup_price_per_gb_month="0.05")
+            storage = BackupStorage(
+                id=uuid.uuid4(),
+                name=f"local-{uuid.uuid4().hex[:6]}",
+                kind="local",
+                config={"path": str(storage_dir)},
+                status="unknown",
+            )
+            session.add(storage)
+            await session.flush()
+            hypervisor = Hypervisor(
+                id=uuid.uuid4(),
+                name=f"hv-{uuid.uuid4().hex[:6]}",
+                location_id=location.id,
+                libvirt_uri=vm.uri,
+                backup_storage_id=storage.id,
+                max_concurrent_backups=2,
+                scratch_dir=str(tmp_path / "scratch"),
+            )
+            session.add(hypervisor)
+            await session.flush()
+            policy = await create_policy(
+                session,
+                user,
+                backup_device=backup_device,
+                max_incremental_chain=max_incremental_chain,
+                retention_count=retention_count,
+            )
+            instance = await create_instance(
+                session,
+                user,
+                hypervisor_id=hypervisor.id,
+                domain_name=vm.name,
+                backup_policy_id=policy.id,
+                disks=[
+                    {"target": "vda", "boot": True, "size_bytes": 64 * 1024**2},
+                    {"target": "vdb", "boot": False, "size_bytes": 32 * 1024**2},
+                ],
+            )
+            await session.commit()
+        return World(vm, user, storage, storage_dir, hypervisor, instance, policy)
+
+    return build
+
+
+@pytest.fixture
+async def world(make_world: WorldFactory) -> World:
+    return await make_world(backup_device="all", max_incremental_chain=6, retention_count=3)

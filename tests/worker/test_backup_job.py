@@ -20,7 +20,7 @@ from app.models import Backup, BackupFile, BackupPolicy
 from tests.virt import vmkit
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
-from worker.context import WorkerContext
+from worker.jobs import JobContext
 from worker.tasks.backup import run_backup
 
 Maker = async_sessionmaker[AsyncSession]
@@ -47,7 +47,7 @@ async def _pending(maker: Maker, world: World, type_: str = "full", **extra: obj
         return backup.id
 
 
-async def _run(ctx: WorkerContext, maker: Maker, world: World, type_: str = "full") -> Backup:
+async def _run(ctx: JobContext, maker: Maker, world: World, type_: str = "full") -> Backup:
     backup_id = await _pending(maker, world, type_)
     await run_backup(ctx, str(backup_id))
     async with maker() as session:
@@ -83,7 +83,7 @@ async def _set_policy(maker: Maker, world: World, **values: object) -> None:
 
 
 async def test_full_then_incrementals_restore_every_point_bit_for_bit(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     vm, maker = world.vm, real_sessionmaker
     vmkit.write_pattern(vm.name, "vda", 0x11, 0, 16 * MiB)
@@ -137,7 +137,7 @@ async def test_full_then_incrementals_restore_every_point_bit_for_bit(
 
 
 async def test_primary_device_backs_up_only_the_boot_disk(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     await _set_policy(real_sessionmaker, world, backup_device="primary")
     backup = await _run(worker_ctx, real_sessionmaker, world, "full")
@@ -146,7 +146,7 @@ async def test_primary_device_backs_up_only_the_boot_disk(
 
 
 async def test_stopped_vm_fails_clearly_and_sets_the_policy_to_error(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     conn = libvirt.open(world.vm.uri)
     try:
@@ -164,7 +164,7 @@ async def test_stopped_vm_fails_clearly_and_sets_the_policy_to_error(
 
 
 async def test_suspended_vm_fails_with_its_state(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     conn = libvirt.open(world.vm.uri)
     try:
@@ -176,7 +176,7 @@ async def test_suspended_vm_fails_with_its_state(
 
 
 async def test_killed_qemu_resets_the_chain_then_incrementals_work_again(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     vm, maker = world.vm, real_sessionmaker
     full = await _run(worker_ctx, maker, world, "full")
@@ -199,7 +199,7 @@ async def test_killed_qemu_resets_the_chain_then_incrementals_work_again(
 
 
 async def test_added_data_disk_starts_a_new_chain(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, tmp_path: Path
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
 ) -> None:
     vm, maker = world.vm, real_sessionmaker
     full = await _run(worker_ctx, maker, world, "full")
@@ -250,7 +250,7 @@ def _job_running(vm: vmkit.VM) -> bool:
 
 
 async def test_worker_killed_mid_backup_leaves_nothing_stuck(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     vm, maker = world.vm, real_sessionmaker
     vmkit.write_pattern(vm.name, "vda", 0x77, 0, 48 * MiB)  # enough data to throttle
@@ -293,7 +293,7 @@ async def test_worker_killed_mid_backup_leaves_nothing_stuck(
 
 
 async def test_retention_deletes_the_oldest_chain_after_a_new_full(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker, arq_redis: object
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, arq_redis: object
 ) -> None:
     maker = real_sessionmaker
     await _set_policy(maker, world, retention_count=1, backup_device="primary")
@@ -317,7 +317,7 @@ async def test_retention_deletes_the_oldest_chain_after_a_new_full(
 
 
 async def test_a_second_backup_of_a_busy_instance_is_skipped_not_run_alongside(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     running = await _pending(real_sessionmaker, world, "full")
     async with real_sessionmaker() as session:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.engine.lifecycle import redispatch_lost_jobs
 from app.queues import CONTROL_QUEUE, JobQueue, enqueue_backup, hypervisor_queue
 from tests.factories import create_backup, create_instance, create_restore, create_user
-from worker.context import WorkerContext
+from worker.jobs import JobContext
 from worker.tasks.control import tick
 
 
@@ -82,7 +82,7 @@ async def test_a_lost_enqueue_of_a_redispatched_job_is_logged_not_raised(
 
 
 async def test_the_minute_tick_resends_lost_jobs(
-    worker_ctx: WorkerContext,
+    worker_ctx: JobContext,
     real_sessionmaker: async_sessionmaker[AsyncSession],
     arq_redis: ArqRedis,
 ) -> None:

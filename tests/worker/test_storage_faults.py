@@ -21,7 +21,7 @@ from tests.storage.servers import free_port
 from tests.virt import vmkit
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
-from worker.context import WorkerContext
+from worker.jobs import JobContext
 from worker.tasks.backup import run_backup
 from worker.tasks.deletion import delete_backup_files
 
@@ -44,7 +44,7 @@ async def _point_storage(
         await session.commit()
 
 
-async def _run_full(ctx: WorkerContext, maker: Maker, world: World) -> Backup:
+async def _run_full(ctx: JobContext, maker: Maker, world: World) -> Backup:
     now = datetime.now(UTC)
     async with maker() as session:
         backup = Backup(
@@ -67,7 +67,7 @@ async def _run_full(ctx: WorkerContext, maker: Maker, world: World) -> Backup:
 
 
 async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_nothing(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     vmkit.write_pattern(world.vm.name, "vda", 0x5A, 0, 24 * MiB)
     with mounted_tmpfs("4m") as small:
@@ -86,7 +86,7 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
 
 
 async def test_backup_to_an_unreachable_storage_says_why(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     port = free_port()  # nothing listens there
     await _point_storage(
@@ -104,7 +104,7 @@ async def test_backup_to_an_unreachable_storage_says_why(
 
 
 async def test_deletion_keeps_the_row_and_retries_while_storage_is_unreachable(
-    world: World, worker_ctx: WorkerContext, real_sessionmaker: Maker
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     backup = await _run_full(worker_ctx, real_sessionmaker, world)
     assert backup.status == "completed", backup.error

@@ -11,14 +11,14 @@ from sqlalchemy import delete, func, select
 from app.engine.storage_access import backup_prefix, open_driver
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import StorageError
-from worker.context import WorkerContext
+from worker.jobs import JobContext, resources
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 3600
 
 
-async def delete_backup_files(ctx: WorkerContext, backup_id: str) -> str:
-    async with ctx["sessionmaker"]() as session:
+async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
+    async with resources(ctx).sessionmaker() as session:
         backup = await session.scalar(
             select(Backup).where(Backup.id == uuid.UUID(backup_id)).with_for_update()
         )

@@ -17,10 +17,11 @@ from sqlalchemy import Table, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.chains import InstanceChain, chain_states, planning_state
+from app.engine.chains import chain_states
 from app.models import Backup, BackupPolicy, Instance, User
 from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
+    Chain,
     next_run_at,
     plan_backup,
     run_on_local_date,
@@ -144,7 +145,7 @@ def _runs_between(
 def _plan_instance(
     policy: BackupPolicy,
     instance: Instance,
-    chain: InstanceChain,
+    chain: Chain,
     slot: datetime,
     slot_date: date,
     now: datetime,
@@ -171,7 +172,7 @@ def _plan_instance(
     if chain.busy:
         _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
         return None
-    state = planning_state(chain, policy.backup_device)
+    state = chain.planning_state(policy.backup_device)
     plan = plan_backup(policy.schedule, policy.max_incremental_chain, state, slot_date)
     if plan.kind == "skip":
         return None
@@ -180,7 +181,7 @@ def _plan_instance(
         "type": plan.kind,
         "status": "pending",
         "plan_reason": plan.reason,
-        "chain_reset_reason": state.reset_reason if state and not state.base_usable else None,
+        "chain_reset_reason": state.reset_reason if state else None,
     }
 
 

@@ -1,4 +1,5 @@
-"""When the backup job turns a planned incremental into a full, and the reason it records."""
+"""When the backup job's last check turns a planned incremental into a full, and the reason
+it records."""
 
 from __future__ import annotations
 
@@ -6,19 +7,16 @@ import uuid
 
 import pytest
 
-from app.engine.chains import InstanceChain
-from app.models import Backup
-from app.scheduling import ChainState
-from app.virt import DiskInfo
-from worker.tasks.backup_decision import decide
+from app.scheduling import Chain, ChainState, Decision, decide
 
 CHAIN = uuid.uuid4()
 TIP = uuid.uuid4()
-VDA = DiskInfo("vda", "/d/vda.qcow2", True, 64 << 20, "qcow2")
-VDB = DiskInfo("vdb", "/d/vdb.qcow2", False, 32 << 20, "qcow2")
+VDA = ("vda", 64 << 20)
+VDB = ("vdb", 32 << 20)
+Disk = tuple[str, int]
 
 
-def _chain(**overrides: object) -> InstanceChain:
+def _chain(**overrides: object) -> Chain:
     values: dict[str, object] = {
         "state": ChainState(2, True),
         "chain_id": CHAIN,
@@ -32,15 +30,21 @@ def _chain(**overrides: object) -> InstanceChain:
         "busy": False,
     }
     values.update(overrides)
-    return InstanceChain(**values)  # type: ignore[arg-type]
+    return Chain(**values)  # type: ignore[arg-type]
 
 
-def _backup(type_: str = "incremental", device: str = "all") -> Backup:
-    return Backup(id=uuid.uuid4(), type=type_, backup_device=device)
+NEW_CHAIN = uuid.uuid4()
+
+
+def _decide(
+    chain: Chain, disks: list[Disk], checkpoints: list[str], planned: str = "incremental"
+) -> Decision:
+    planned_reason = "previous full backup failed" if planned == "full" else None
+    return decide(planned, planned_reason, chain, "all", dict(disks), checkpoints, NEW_CHAIN)
 
 
 def test_incremental_builds_on_the_chain_tip() -> None:
-    d = decide(_backup(), _chain(), [VDA, VDB], [f"ibp-{TIP}"])
+    d = _decide(_chain(), [VDA, VDB], [f"ibp-{TIP}"])
     assert (d.type, d.parent_id, d.chain_id, d.incremental_from, d.reset_reason) == (
         "incremental",
         TIP,
@@ -68,14 +72,14 @@ def test_incremental_builds_on_the_chain_tip() -> None:
         ),
         (
             _chain(),
-            [VDA, VDB, DiskInfo("vdc", "/d/c", False, 1 << 20, "qcow2")],
+            [VDA, VDB, ("vdc", 1 << 20)],
             [f"ibp-{TIP}"],
             "disk vdc was added",
         ),
         (_chain(), [VDA], [f"ibp-{TIP}"], "disk vdb was removed"),
         (
             _chain(),
-            [VDA, DiskInfo("vdb", "/d/vdb.qcow2", False, 48 << 20, "qcow2")],
+            [VDA, ("vdb", 48 << 20)],
             [f"ibp-{TIP}"],
             "disk vdb was resized from 33554432 to 50331648 bytes",
         ),
@@ -83,16 +87,14 @@ def test_incremental_builds_on_the_chain_tip() -> None:
     ],
 )
 def test_a_broken_base_turns_the_incremental_into_a_full_with_the_reason(
-    chain: InstanceChain, disks: list[DiskInfo], checkpoints: list[str], reason: str
+    chain: Chain, disks: list[Disk], checkpoints: list[str], reason: str
 ) -> None:
-    d = decide(_backup(), chain, disks, checkpoints)
+    d = _decide(chain, disks, checkpoints)
     assert d.type == "full" and d.parent_id is None and d.incremental_from is None
-    assert d.chain_id != CHAIN
+    assert d.chain_id == NEW_CHAIN
     assert d.reset_reason is not None and d.reset_reason.startswith(reason)
 
 
 def test_a_planned_full_keeps_its_planned_reason() -> None:
-    backup = _backup("full")
-    backup.chain_reset_reason = "previous full backup failed"
-    d = decide(backup, _chain(), [VDA, VDB], [f"ibp-{TIP}"])
+    d = _decide(_chain(), [VDA, VDB], [f"ibp-{TIP}"], planned="full")
     assert d.type == "full" and d.reset_reason == "previous full backup failed"

@@ -1,0 +1,221 @@
+"""The one skeleton every hypervisor job runs in (backup, restore, verify).
+
+Written once here: the typed resources a job uses, the claim of its row (under the instance's
+row lock, one job of an instance at a time), the heartbeat and progress, the failure in words
+its reader understands, cancellation and the recovery after a worker died mid-job. A job says
+only what is its own: what it loads, what it does, what it refuses and what it cleans up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from arq.connections import ArqRedis
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app import virt
+from app.config import Settings
+from app.db import build_engine, build_sessionmaker
+from app.engine.chain_fetch import ChainError
+from app.engine.chains import Busy, busy
+from app.engine.lifecycle import TakenOver
+from app.models import Backup, Instance, Restore
+from app.models.base import utcnow
+from app.storage.base import StorageError, StorageFull, StorageUnreachable
+from app.values import ACTIVE, BackupStatus
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 5.0
+RESOURCES = "ibp"  # the key of our Resources in arq's job context
+# arq's job context: its own fields (job_try, redis, ...) and ours under RESOURCES.
+JobContext = dict[str, Any]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Resources:
+    """What every job uses: built in arq's startup hook, disposed in its shutdown hook."""
+
+    settings: Settings
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: ArqRedis | None = None
+    engine: AsyncEngine | None = None  # owned: disposed by close()
+
+    @classmethod
+    def open(cls, settings: Settings, redis: ArqRedis | None) -> Resources:
+        engine = build_engine(settings)
+        return cls(settings, build_sessionmaker(engine), redis, engine)
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.dispose()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session that commits when the block ends without an exception."""
+        async with self.sessionmaker() as session:
+            yield session
+            await session.commit()
+
+
+def resources(ctx: JobContext) -> Resources:
+    found: Resources = ctx[RESOURCES]
+    return found
+
+
+class JobFailed(Exception):
+    """A failure already phrased for the operator."""
+
+
+def describe(exc: BaseException) -> str:
+    """The words an operator reads on the failed backup, restore or verification."""
+    if isinstance(exc, StorageFull):
+        return "Backup storage is full"
+    if isinstance(exc, StorageUnreachable):
+        return f"Backup storage is unreachable: {exc}"
+    if isinstance(exc, StorageError):
+        return f"Backup storage error: {exc}"
+    if isinstance(exc, virt.VirtError | JobFailed | ChainError | TakenOver):
+        return str(exc)
+    return f"Unexpected error ({type(exc).__name__}): {exc}"
+
+
+# Failures of the outside world, described without a traceback in the log.
+EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, TakenOver)
+
+
+@dataclass
+class Progress:
+    percent: int = 0
+
+
+W = TypeVar("W")
+
+
+class Job(Generic[W]):
+    """A job on the row of `model` (a Backup or a Restore). Subclasses fill in the hooks."""
+
+    model: type[Backup] | type[Restore]
+    name: str  # "backup", "restore": for the log
+    interrupted: str  # the row's error when the worker stopped during the job
+    heartbeat = True  # keep heartbeat_at and progress on the row while running
+
+    async def run(self, ctx: JobContext, row_id: str) -> str:
+        res, rid = resources(ctx), uuid.UUID(row_id)
+        if not await self.claim(res, rid, ctx.get("job_try", 1)):
+            return "not pending"
+        progress = Progress()
+        heartbeat = asyncio.create_task(
+            self._keep_alive(res, rid, progress) if self.heartbeat else asyncio.sleep(0)
+        )
+        work: W | None = None
+        try:
+            async with res.session() as session:
+                work = await self.load(session, rid)
+            return await self.execute(res, work, progress)
+        except BaseException as exc:
+            message = describe(exc) if isinstance(exc, Exception) else self.interrupted
+            if not isinstance(exc, EXPECTED):
+                log.exception("%s %s failed", self.name, row_id)
+            async with res.session() as session:
+                await self.fail(session, rid, message)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: arq must see it
+            return f"failed: {message}"
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if work is not None:
+                await self.cleanup(work)
+
+    async def claim(self, res: Resources, row_id: uuid.UUID, job_try: int) -> bool:
+        """pending -> in_progress, unless the instance is busy with other running work. A row
+        found in progress on a retry was left by a dead worker: recover, then fail it."""
+        model = self.model
+        async with res.session() as session:
+            instance_id = await session.scalar(select(model.instance_id).where(model.id == row_id))
+            if instance_id is None:
+                return False
+            # Shared by every job's claim: one job of an instance starts at a time.
+            await session.execute(
+                select(Instance.id).where(Instance.id == instance_id).with_for_update()
+            )
+            status = await session.scalar(select(model.status).where(model.id == row_id))
+            if status == BackupStatus.IN_PROGRESS and job_try > 1:
+                row = await session.get(model, row_id)
+                assert row is not None
+                await self.recover(session, row)
+                await self.fail(session, row_id, self.interrupted)
+                return False
+            if status != BackupStatus.PENDING:
+                return False
+            if work := await busy(session, instance_id, running_only=True, besides=row_id):
+                await self.refuse(session, row_id, work)
+                return False
+            started = now()
+            claimed = await session.scalar(
+                update(model)
+                .where(model.id == row_id, model.status == BackupStatus.PENDING)
+                .values(
+                    status=BackupStatus.IN_PROGRESS,
+                    started_at=started,
+                    heartbeat_at=started,
+                    progress=0,
+                )
+                .returning(model.id)
+            )
+            return claimed is not None
+
+    async def fail(self, session: AsyncSession, row_id: uuid.UUID, message: str) -> Any:
+        """Mark the row failed (if it still is pending or in progress); the failed row or None."""
+        model = self.model
+        return await session.scalar(
+            update(model)
+            .where(model.id == row_id, model.status.in_(ACTIVE))
+            .values(status=BackupStatus.FAILED, error=message, completed_at=now(), progress=None)
+            .returning(model)
+        )
+
+    async def _keep_alive(self, res: Resources, row_id: uuid.UUID, progress: Progress) -> None:
+        """Every few seconds: heartbeat_at and progress (0-99), so the reaper can tell a live
+        job from a lost one."""
+        model = self.model
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            async with res.session() as session:
+                await session.execute(
+                    update(model)
+                    .where(model.id == row_id, model.status == BackupStatus.IN_PROGRESS)
+                    .values(heartbeat_at=utcnow(), progress=min(99, progress.percent))
+                )
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
+        """The instance is busy with `work`: fail the row, saying so."""
+        await self.fail(session, row_id, f"{work}; try again when it has finished")
+
+    async def recover(self, session: AsyncSession, row: Any) -> None:
+        """Remove what a dead worker left of this job (libvirt jobs, work files)."""
+
+    async def load(self, session: AsyncSession, row_id: uuid.UUID) -> W:
+        raise NotImplementedError
+
+    async def execute(self, res: Resources, work: W, progress: Progress) -> str:
+        raise NotImplementedError
+
+    async def cleanup(self, work: W) -> None:
+        """Runs after the job, whatever its outcome."""
