@@ -145,6 +145,7 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
     from app.models import Hypervisor, Instance, InstanceDisk
+    from app.values import InstanceStatus
     from app.virt.demo import ensure_demo_vm
 
     mib = 1024 * 1024
@@ -169,7 +170,7 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
                     owner_id=user.id,
                     hypervisor_id=hypervisor.id,
                     domain_name=name,
-                    status="deployed",
+                    status=InstanceStatus.DEPLOYED,
                     disks=[InstanceDisk(target="vda", boot=True, size_bytes=size_mib * mib)],
                 )
                 session.add(instance)

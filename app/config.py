@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     # Keep hot reads (token lookups, policy-list pages) in memory, invalidated by the
     # database's change notifications (app/cache.py).
     read_cache: bool = True
-    # Scheduler knobs (see ARCHITECTURE.md: catch-up, stale work).
+    # Scheduler knobs: how late a missed run may still run, when a silent job is lost.
     catch_up_grace_hours: float = Field(default=6.0, ge=0)
     stale_backup_minutes: float = Field(default=15.0, gt=0)
     # > 0: the tick re-verifies each instance's newest chain when its last check is older.

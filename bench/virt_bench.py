@@ -23,9 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.virt import data_bytes, delete_checkpoint, run_backup  # noqa: E402
+from app.virt import delete_checkpoint, run_backup  # noqa: E402
 from bench._disk import prime_free_space  # noqa: E402
 from tests.virt import vmkit  # noqa: E402
+from tests.virt.images import data_bytes  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -21,15 +21,15 @@ if answers; then
     exit 0
 fi
 
-# Pitfall 1: the QEMU driver refuses to load without this account.
+# docs/libvirt.md, pitfall 1: the QEMU driver refuses to load without this account.
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null ||
     useradd --system -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
 
-# Pitfall 2: both daemons exit 1 without /var/log/libvirt.
+# docs/libvirt.md, pitfall 2: both daemons exit 1 without /var/log/libvirt.
 mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/images /var/cache/libvirt/qemu /run/libvirt /etc/libvirt
 
-# Pitfall 3: namespaces = [ ] in containers. Root, no cgroups, no security driver.
+# docs/libvirt.md, pitfall 3: namespaces = [ ] in containers. Root, no cgroups, no security driver.
 want_conf='user = "root"
 group = "root"
 security_driver = "none"

@@ -22,6 +22,7 @@ from app.security import (
     token_digest,
     verify_password,
 )
+from app.values import TokenKind
 
 # last_used_at is refreshed at most this often, so reads do not each cost a write.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -43,7 +44,7 @@ async def login(
         raise Unauthorized("Wrong email or password")
     token = new_token(SESSION_PREFIX)
     expires_at = _now() + lifetime
-    session.add(_token_row(user.id, "session", "login session", token, expires_at))
+    session.add(_token_row(user.id, TokenKind.SESSION, "login session", token, expires_at))
     return token, expires_at
 
 
@@ -156,7 +157,7 @@ async def create_token(
     else:
         expires_at = None
     token = new_token(PERSONAL_PREFIX)
-    row = _token_row(user.id, "personal", payload.name, token, expires_at)
+    row = _token_row(user.id, TokenKind.PERSONAL, payload.name, token, expires_at)
     session.add(row)
     await session.flush()
     return row, token
@@ -165,7 +166,9 @@ async def create_token(
 def personal_tokens(user: User) -> Select[ApiToken]:
     """The user's live personal tokens (login sessions are not listed)."""
     return select(ApiToken).where(
-        ApiToken.user_id == user.id, ApiToken.kind == "personal", ApiToken.revoked_at.is_(None)
+        ApiToken.user_id == user.id,
+        ApiToken.kind == TokenKind.PERSONAL,
+        ApiToken.revoked_at.is_(None),
     )
 
 

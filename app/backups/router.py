@@ -18,6 +18,7 @@ from app.deps import JobQueueDep, SessionDep
 from app.instances.service import get_instance
 from app.problems import problem_responses
 from app.schemas import Page, PageDep, fetch_page
+from app.values import BackupType
 
 router = APIRouter(tags=["backups"], responses=problem_responses(401, 404, 422))
 
@@ -74,7 +75,7 @@ async def backup_now(
     jobs: JobQueueDep,
     payload: BackupNowRequest | None = None,
 ) -> BackupRead:
-    force_full = payload is not None and payload.type == "full"
+    force_full = payload is not None and payload.type == BackupType.FULL
     return await manual.backup_now(session, user, instance_id, force_full, jobs)
 
 

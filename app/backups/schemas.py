@@ -54,11 +54,11 @@ class BackupRead(BaseModel):
 
 class BackupDeletion(BaseModel):
     backup_ids: list[uuid.UUID] = Field(description="Every backup being deleted, dependants too.")
-    status: Literal["deleting"] = "deleting"
+    status: Literal[BackupStatus.DELETING] = BackupStatus.DELETING
 
 
 class BackupNowRequest(RequestBody):
-    type: Literal["full"] | None = Field(
+    type: Literal[BackupType.FULL] | None = Field(
         default=None,
         description="'full' starts a new chain; omitted or null follows the chain rules.",
     )

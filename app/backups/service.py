@@ -17,6 +17,7 @@ from app.errors import Conflict, NotFound
 from app.models import Backup, BackupFile, Hypervisor, Instance, Location, User
 from app.queues import JobQueue, enqueue_verify
 from app.schemas import backup_costs, size_human
+from app.values import BackupStatus
 
 BackupRow = tuple[Backup, str, Decimal | None]
 
@@ -113,7 +114,7 @@ async def read_backup(session: AsyncSession, user: User, backup_id: uuid.UUID) -
 
 async def dependants_of(session: AsyncSession, backup: Backup) -> list[Backup]:
     """Backups that need this one to restore: later members of the same chain."""
-    if backup.chain_id is None or backup.status == "failed":
+    if backup.chain_id is None or backup.status == BackupStatus.FAILED:
         return []
     stmt = (
         select(Backup)
@@ -121,7 +122,7 @@ async def dependants_of(session: AsyncSession, backup: Backup) -> list[Backup]:
             Backup.chain_id == backup.chain_id,
             Backup.id != backup.id,
             Backup.created_at >= backup.created_at,
-            Backup.status.not_in(("failed", "deleting")),
+            Backup.status.not_in((BackupStatus.FAILED, BackupStatus.DELETING)),
         )
         .order_by(Backup.created_at)
         .with_for_update()
@@ -134,7 +135,7 @@ async def delete_backup(
 ) -> BackupDeletion:
     backup, _, _ = await get_backup_row(session, user, backup_id)
     await session.refresh(backup, with_for_update=True)
-    if backup.status == "deleting":
+    if backup.status == BackupStatus.DELETING:
         return BackupDeletion(backup_ids=[backup.id])
     # A restore may be reading this very chain, an incremental building on its tip.
     if (work := await busy(session, backup.instance_id)) is not None:
@@ -158,7 +159,7 @@ async def request_verify(
 ) -> BackupRead:
     row = await get_backup_row(session, user, backup_id)
     backup = row[0]
-    if backup.status != "completed":
+    if backup.status != BackupStatus.COMPLETED:
         raise Conflict(f"Only completed backups can be verified (this one is {backup.status})")
     hypervisor_id = await session.scalar(
         select(Instance.hypervisor_id).where(Instance.id == backup.instance_id)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import BackupStorageDriver, ObjectNotFound, validate_key
 from app.storage.files import fsync_path
 from app.storage.pipeline import sha256_of
+from app.values import BackupStatus, BackupType
 from app.virt.images import LONG_TIMEOUT, run_qemu_img
 from app.writeback import written_back
 
@@ -72,9 +72,6 @@ class ChainPlan:
     members: list[Member]
     disks: list[str]  # the disk targets the chosen backup holds
 
-    def files_of(self, target: str) -> list[BackupFile]:
-        return [m.files[target] for m in self.members]
-
     @property
     def total_bytes(self) -> int:
         return sum(f.size_bytes for m in self.members for f in m.files.values())
@@ -85,7 +82,7 @@ async def load_chain(session: AsyncSession, backup_id: uuid.UUID) -> ChainPlan:
     backup = await session.get(Backup, backup_id)
     if backup is None:
         raise ChainError("The backup no longer exists")
-    if backup.status != "completed" or backup.chain_id is None:
+    if backup.status != BackupStatus.COMPLETED or backup.chain_id is None:
         raise ChainError(f"Backup {backup.id} is {backup.status}, not completed", backup.id)
     rows = {
         b.id: b
@@ -97,7 +94,7 @@ async def load_chain(session: AsyncSession, backup_id: uuid.UUID) -> ChainPlan:
     members: list[Member] = []
     current: Backup | None = backup
     while current is not None:
-        if current.status != "completed":
+        if current.status != BackupStatus.COMPLETED:
             raise ChainError(
                 f"{current.type.capitalize()} {current.id} of this chain is {current.status}",
                 current.id,
@@ -111,7 +108,7 @@ async def load_chain(session: AsyncSession, backup_id: uuid.UUID) -> ChainPlan:
                 files.get(current.id, {}),
             )
         )
-        if current.type == "full":
+        if current.type == BackupType.FULL:
             break
         if current.parent_id is None or current.parent_id not in rows:
             raise ChainError(
@@ -343,12 +340,3 @@ def remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def short_id(value: uuid.UUID) -> str:
-    return value.hex[:8]
-
-
-def ensure_dir(path: Path) -> Path:
-    os.makedirs(path, exist_ok=True)
-    return path

@@ -15,7 +15,7 @@ from app.engine.chains import completed_chains
 from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Instance, Restore
 from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import Decision, chains_to_delete
-from app.values import BackupStatus, BackupType
+from app.values import BackupStatus, BackupType, PolicyStatus
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
 NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
@@ -132,7 +132,9 @@ async def apply_retention(
     backup_ids = list(
         (
             await session.scalars(
-                select(Backup.id).where(Backup.chain_id.in_(doomed), Backup.status != "deleting")
+                select(Backup.id).where(
+                    Backup.chain_id.in_(doomed), Backup.status != BackupStatus.DELETING
+                )
             )
         ).all()
     )
@@ -145,7 +147,9 @@ async def mark_for_deletion(
 ) -> None:
     """Rows stay (status 'deleting') until the deletion job has removed their files."""
     await session.execute(
-        update(Backup).where(Backup.id.in_(backup_ids)).values(status="deleting", progress=None)
+        update(Backup)
+        .where(Backup.id.in_(backup_ids))
+        .values(status=BackupStatus.DELETING, progress=None)
     )
     for backup_id in backup_ids:
         enqueue_deletion(jobs, backup_id)
@@ -160,8 +164,8 @@ async def record_failure(
     name = await session.scalar(select(Instance.name).where(Instance.id == backup.instance_id))
     await session.execute(
         update(BackupPolicy)
-        .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status != "paused")
-        .values(status="error", last_error=f"{name}: {message}", last_error_at=now)
+        .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status != PolicyStatus.PAUSED)
+        .values(status=PolicyStatus.ERROR, last_error=f"{name}: {message}", last_error_at=now)
     )
 
 
@@ -175,14 +179,14 @@ async def record_success(session: AsyncSession, backup: Backup) -> None:
         .where(
             Backup.policy_id == backup.policy_id,
             Backup.scheduled_for == backup.scheduled_for,
-            Backup.status != "completed",
+            Backup.status != BackupStatus.COMPLETED,
         )
     )
     if unfinished == 0:
         await session.execute(
             update(BackupPolicy)
-            .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status == "error")
-            .values(status="active")
+            .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status == PolicyStatus.ERROR)
+            .values(status=PolicyStatus.ACTIVE)
         )
 
 
@@ -197,14 +201,14 @@ async def _fail_stale(
     """Fail rows of `model` in progress without a heartbeat, or pending for too long."""
     failed: list[Any] = []
     for status, limit, column, message in (
-        ("in_progress", stale_after, model.heartbeat_at, messages[0]),
-        ("pending", start_within, model.created_at, messages[1]),
+        (BackupStatus.IN_PROGRESS, stale_after, model.heartbeat_at, messages[0]),
+        (BackupStatus.PENDING, start_within, model.created_at, messages[1]),
     ):
         failed += (
             await session.scalars(
                 update(model)
                 .where(model.status == status, column < now - limit)
-                .values(status="failed", error=message, completed_at=now, progress=None)
+                .values(status=BackupStatus.FAILED, error=message, completed_at=now, progress=None)
                 .returning(model)
             )
         ).all()
@@ -257,7 +261,7 @@ async def redispatch_lost_jobs(session: AsyncSession, jobs: JobQueue, now: datet
     deletions = (
         await session.scalars(
             select(Backup.id)
-            .where(Backup.status == "deleting", Backup.delete_attempts == 0)
+            .where(Backup.status == BackupStatus.DELETING, Backup.delete_attempts == 0)
             .limit(REDISPATCH_BATCH)
         )
     ).all()
@@ -277,7 +281,7 @@ async def _waiting(
     rows = await session.execute(
         select(model.id, Instance.hypervisor_id)
         .join(Instance, Instance.id == model.instance_id)
-        .where(model.status == "pending", model.created_at < cutoff)
+        .where(model.status == BackupStatus.PENDING, model.created_at < cutoff)
         .order_by(model.created_at)
         .limit(REDISPATCH_BATCH)
     )

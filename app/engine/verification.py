@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.models import Backup, Instance
+from app.values import BackupStatus
 
 DUE_BATCH = 500  # per tick: the rest are picked up by the next ticks
 
@@ -22,7 +23,7 @@ async def due_for_verification(
     not been verified within ``interval``; at most DUE_BATCH rows."""
     newest = (
         select(Backup.id, Backup.chain_id, Backup.instance_id)
-        .where(Backup.status == "completed", Backup.chain_id.is_not(None))
+        .where(Backup.status == BackupStatus.COMPLETED, Backup.chain_id.is_not(None))
         .ext(distinct_on(Backup.instance_id))
         .order_by(Backup.instance_id, Backup.created_at.desc())
         .subquery()

@@ -7,8 +7,6 @@ from pydantic import Field
 
 from app.schemas import RequestBody, Schema
 
-LibvirtUri = str
-
 
 class HypervisorRead(Schema):
     id: uuid.UUID

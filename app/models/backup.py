@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, IdMixin, utcnow
-from app.values import BackupStatus, BackupType, one_of
+from app.values import BackupDevice, BackupStatus, BackupType, one_of
 
 
 class BackupChain(IdMixin, Base):
@@ -66,9 +66,9 @@ class Backup(IdMixin, Base):
         ForeignKey("backups.id", ondelete="SET NULL")
     )
     type: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=BackupStatus.PENDING)
     manual: Mapped[bool] = mapped_column(default=False)
-    backup_device: Mapped[str] = mapped_column(String(16), default="primary")
+    backup_device: Mapped[str] = mapped_column(String(16), default=BackupDevice.PRIMARY)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     progress: Mapped[int | None] = mapped_column(SmallInteger)
     scheduled_for: Mapped[datetime] = mapped_column()

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, IdMixin, TimestampMixin
-from app.values import StorageKind, StorageStatus, one_of
+from app.values import InstanceStatus, StorageKind, StorageStatus, one_of
 
 
 class Location(IdMixin, TimestampMixin, Base):
@@ -43,7 +43,7 @@ class BackupStorage(IdMixin, TimestampMixin, Base):
     # Non-secret settings only; secrets live encrypted in `secrets_encrypted`.
     config: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     secrets_encrypted: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="unknown")
+    status: Mapped[str] = mapped_column(String(16), default=StorageStatus.UNKNOWN)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_checked_at: Mapped[datetime | None] = mapped_column()
 
@@ -73,7 +73,7 @@ class Instance(IdMixin, TimestampMixin, Base):
     owner_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
     hypervisor_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("hypervisors.id"), index=True)
     domain_name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(32), default="deployed")
+    status: Mapped[str] = mapped_column(String(32), default=InstanceStatus.DEPLOYED)
     # One column, so "one policy per instance" cannot be broken by any race.
     backup_policy_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("backup_policies.id", ondelete="SET NULL"), index=True

@@ -37,7 +37,7 @@ class Restore(IdMixin, Base):
         ForeignKey("users.id", ondelete="SET NULL")
     )
     target: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=RestoreStatus.PENDING)
     progress: Mapped[int | None] = mapped_column(SmallInteger)
     error: Mapped[str | None] = mapped_column(Text)
     # new_disk: where each restored disk was written, {"vda": "/path/...qcow2"}.

@@ -19,7 +19,7 @@ class User(IdMixin, TimestampMixin, Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     password_hash: Mapped[str] = mapped_column(String(255))
-    role: Mapped[str] = mapped_column(String(16), default="user")
+    role: Mapped[str] = mapped_column(String(16), default=Role.USER)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
 
     @property

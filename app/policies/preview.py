@@ -24,7 +24,6 @@ async def schedule_preview(
     policy_id: uuid.UUID,
     count: int,
     instance_id: uuid.UUID | None,
-    now: datetime | None = None,
 ) -> list[SchedulePreviewRun]:
     policy, zone_name, _ = await get_policy_row(session, user, policy_id)
     state: ChainState | None = None
@@ -49,7 +48,7 @@ async def schedule_preview(
         state = chain.planning_state(policy.backup_device)
     schedule, zone = policy.schedule, resolve_zone(zone_name)
     runs: list[SchedulePreviewRun] = []
-    cursor = now or datetime.now(UTC)
+    cursor = datetime.now(UTC)
     for _ in range(count * MAX_SCAN_FACTOR):
         if len(runs) == count:
             break

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.schemas import RequestBody, Schema
-from app.values import BackupDevice, Frequency, PolicyStatus, Weekday
+from app.values import BackupDevice, BackupType, Frequency, PolicyStatus, Weekday
 
 
 class PolicySchedule(Schema):
@@ -21,9 +21,9 @@ class PolicySchedule(Schema):
 
     @model_validator(mode="after")
     def _weekday_matches_frequency(self) -> PolicySchedule:
-        if self.frequency == "weekly" and self.day_of_week is None:
+        if self.frequency == Frequency.WEEKLY and self.day_of_week is None:
             raise ValueError("day_of_week is required for a weekly schedule")
-        if self.frequency == "daily" and self.day_of_week is not None:
+        if self.frequency == Frequency.DAILY and self.day_of_week is not None:
             raise ValueError("day_of_week must be null for a daily schedule")
         return self
 
@@ -45,7 +45,7 @@ class PolicyUpdate(RequestBody):
     max_incremental_chain: int | None = Field(default=None, ge=0, le=30)
     retention_count: int | None = Field(default=None, ge=1, le=365)
     backup_device: BackupDevice | None = None
-    status: Literal["active", "paused"] | None = Field(
+    status: Literal[PolicyStatus.ACTIVE, PolicyStatus.PAUSED] | None = Field(
         default=None, description="Pause or resume. 'error' is set by the system only."
     )
 
@@ -78,4 +78,4 @@ class AttachRequest(RequestBody):
 class SchedulePreviewRun(BaseModel):
     at: datetime = Field(description="UTC instant of the run.")
     local_time: datetime = Field(description="The same instant in the owner's zone, with offset.")
-    type: Literal["full", "incremental"]
+    type: BackupType

@@ -21,6 +21,7 @@ from app.models import BackupPolicy, Instance, User
 from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
 from app.schemas import PageParams
+from app.values import PolicyStatus
 
 ALREADY_ATTACHED = "Instance is already attached to another backup policy"
 
@@ -228,7 +229,7 @@ async def create_policy(session: AsyncSession, user: User, payload: PolicyCreate
         max_incremental_chain=payload.max_incremental_chain,
         retention_count=payload.retention_count,
         backup_device=payload.backup_device,
-        status="active",
+        status=PolicyStatus.ACTIVE,
         skipped_runs=0,
     )
     plan_next_run(policy, owner.timezone)
@@ -257,7 +258,7 @@ async def update_policy(
         policy.backup_device = payload.backup_device
     if payload.status is not None and payload.status != policy.status:
         # Resuming plans from now: a paused policy never fires a burst of missed runs.
-        replan = replan or payload.status == "active"
+        replan = replan or payload.status == PolicyStatus.ACTIVE
         policy.status = payload.status
     if replan:
         plan_next_run(policy, zone)

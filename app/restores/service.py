@@ -14,7 +14,7 @@ from app.errors import Conflict, NotFound
 from app.instances.service import get_instance
 from app.models import Instance, Restore, User
 from app.queues import JobQueue, enqueue_restore
-from app.values import RestoreTarget
+from app.values import BackupStatus, InstanceStatus, RestoreStatus, RestoreTarget
 
 
 def readable_restores(user: User) -> Select[Restore]:
@@ -50,9 +50,9 @@ async def start_restore(
     backup, _, _ = await get_backup_row(session, user, backup_id)
     # The instance row lock serialises concurrent requests (restore, Backup now) per instance.
     instance = await get_instance(session, user, backup.instance_id, for_update=True)
-    if backup.status != "completed":
+    if backup.status != BackupStatus.COMPLETED:
         raise Conflict(f"Only completed backups can be restored (this one is {backup.status})")
-    if target == "in_place" and instance.status != "stopped":
+    if target == RestoreTarget.IN_PLACE and instance.status != InstanceStatus.STOPPED:
         raise Conflict(
             f"Instance must be stopped for an in-place restore (status: {instance.status})"
         )
@@ -64,7 +64,7 @@ async def start_restore(
         instance_id=instance.id,
         requested_by=user.id,
         target=target,
-        status="pending",
+        status=RestoreStatus.PENDING,
         result={},
         created_at=datetime.now(UTC),
     )

@@ -36,7 +36,6 @@ from app.scheduling.times import (
     resolve_zone,
     run_on_local_date,
     slot_local_date,
-    upcoming_runs,
 )
 from app.values import Frequency, Weekday
 
@@ -70,6 +69,5 @@ __all__ = [
     "run_on_local_date",
     "schedule_summary",
     "slot_local_date",
-    "upcoming_runs",
     "why_not_incremental",
 ]

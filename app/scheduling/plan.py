@@ -81,24 +81,22 @@ def plan_backup(
     max_incremental_chain: int,
     chain: ChainState | None,
     slot_date: date,
-    force_full: bool = False,
 ) -> Plan:
     """Plan the backup of one slot (``slot_date`` is the owner's local date of the run).
 
     Order of the rules:
-    1. ``force_full`` -> full.
-    2. No chain yet, or no usable base -> full, on any day.
-    3. ``max_incremental_chain == 0`` (full only): daily -> full every run; weekly -> full on
+    1. No chain yet, or no usable base -> full, on any day.
+    2. ``max_incremental_chain == 0`` (full only): daily -> full every run; weekly -> full on
        the chosen weekday, skip on the other days.
-    4. Daily: incremental while the chain has fewer than N incrementals, else a full that
+    3. Daily: incremental while the chain has fewer than N incrementals, else a full that
        starts a new chain.
-    5. Weekly: full on the chosen weekday (even when the chain has room); on other days
+    4. Weekly: full on the chosen weekday (even when the chain has room); on other days
        incremental while the chain has room, else skip until the full day.
     """
     if max_incremental_chain < 0:
         raise ValueError("max_incremental_chain must not be negative")
     n = max_incremental_chain
-    if (first := _must_be_full(chain, force_full)) is not None:
+    if (first := _must_be_full(chain, force_full=False)) is not None:
         return first
     assert chain is not None
     if schedule.frequency == "weekly":

@@ -36,7 +36,7 @@ class Schedule:
             raise ValueError("hour must be an integer from 0 to 23")
         if not 0 <= self.hour <= 23:
             raise ValueError("hour must be an integer from 0 to 23")
-        if self.frequency == "weekly":
+        if self.frequency == Frequency.WEEKLY:
             if self.day_of_week is None:
                 raise ValueError("a weekly schedule needs a day_of_week")
             if self.day_of_week not in WEEKDAYS:
@@ -58,7 +58,7 @@ def is_full_day(schedule: Schedule, local_date: date) -> bool:
     Daily: always True -- every day *may* start a full; whether a given run is a full or an
     incremental depends on the current chain, which :func:`plan_backup` decides.
     """
-    if schedule.frequency == "weekly":
+    if schedule.frequency == Frequency.WEEKLY:
         return local_weekday(local_date) == schedule.day_of_week
     return True
 
@@ -75,7 +75,7 @@ def format_hour(hour: int) -> str:
 def schedule_summary(schedule: Schedule) -> str:
     """ "Daily at 2:00 AM" / "Weekly on Monday at 3:00 AM"."""
     at = format_hour(schedule.hour)
-    if schedule.frequency == "weekly":
+    if schedule.frequency == Frequency.WEEKLY:
         assert schedule.day_of_week is not None  # guaranteed by Schedule.__post_init__
         return f"Weekly on {schedule.day_of_week.capitalize()} at {at}"
     return f"Daily at {at}"

@@ -1,6 +1,6 @@
 """Run instants of a schedule, computed from the owner's IANA zone on each date.
 
-Rules (see ARCHITECTURE.md, "Rules that are easy to get wrong"):
+Rules:
 
 * A policy runs once per *local* day at ``hour``:00 in the owner's zone, whatever the
   frequency (weekly policies run incrementals on the other days at the same hour).
@@ -111,21 +111,6 @@ def next_run_at(schedule: Schedule, zone: ZoneLike, after: datetime) -> datetime
     if best is None:  # pragma: no cover - a zone skipping a whole week does not exist
         raise RuntimeError(f"no run found after {after_utc.isoformat()} in {z.key}")
     return best
-
-
-def upcoming_runs(
-    schedule: Schedule, zone: ZoneLike, after: datetime, count: int
-) -> list[datetime]:
-    """The next ``count`` runs strictly after ``after``, oldest first (UTC)."""
-    if count < 0:
-        raise ValueError("count must not be negative")
-    z = resolve_zone(zone)
-    runs: list[datetime] = []
-    cursor = _as_utc(after, "after")
-    for _ in range(count):
-        cursor = next_run_at(schedule, z, cursor)
-        runs.append(cursor)
-    return runs
 
 
 def slot_local_date(schedule: Schedule, zone: ZoneLike, at_utc: datetime) -> date:

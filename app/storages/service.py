@@ -23,6 +23,7 @@ from app.storages.schemas import (
     BackupStorageUpdate,
     StorageCheckResult,
 )
+from app.values import StorageStatus
 
 
 def storages_statement() -> Select[BackupStorage]:
@@ -66,7 +67,9 @@ async def get_storage(session: AsyncSession, storage_id: uuid.UUID) -> BackupSto
 
 
 async def create_storage(session: AsyncSession, payload: BackupStorageCreate) -> BackupStorage:
-    storage = BackupStorage(id=uuid.uuid4(), name=payload.name, kind=payload.kind, status="unknown")
+    storage = BackupStorage(
+        id=uuid.uuid4(), name=payload.name, kind=payload.kind, status=StorageStatus.UNKNOWN
+    )
     _store(storage, payload.config.model_dump(mode="json"), secret_box())
     session.add(storage)
     await flush_or_conflict(session, f"A backup storage named '{payload.name}' already exists")
@@ -95,7 +98,7 @@ async def update_storage(
             detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
             raise Unprocessable(detail, errors=errors) from exc
         _store(storage, config.model_dump(mode="json"), secret_box())
-        storage.status = "unknown"
+        storage.status = StorageStatus.UNKNOWN
         storage.last_error = None
     await flush_or_conflict(session, f"A backup storage named '{storage.name}' already exists")
     return storage
@@ -135,7 +138,7 @@ async def check_storage(session: AsyncSession, storage: BackupStorage) -> Storag
             free_bytes=checked.free_bytes,
             error=checked.error,
         )
-    storage.status = "ok" if result.ok else "error"
+    storage.status = StorageStatus.OK if result.ok else StorageStatus.ERROR
     storage.last_error = result.error
     storage.last_checked_at = datetime.now(UTC)
     return result

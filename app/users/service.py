@@ -12,6 +12,7 @@ from app.models import BackupPolicy, Instance, User
 from app.policies.service import replan_owner_policies
 from app.security import hash_password
 from app.users.schemas import MeUpdate, UserCreate, UserUpdate
+from app.values import Role
 
 
 def users_statement() -> Select[User]:
@@ -100,9 +101,10 @@ async def ensure_admin(session: AsyncSession, email: str, password: str) -> tupl
     user = await session.scalar(select(User).where(User.email == email))
     if user is None:
         user = await create_user(
-            session, UserCreate(email=email, password=password, role="admin", name="Administrator")
+            session,
+            UserCreate(email=email, password=password, role=Role.ADMIN, name="Administrator"),
         )
         return user, True
-    user.role = "admin"
+    user.role = Role.ADMIN
     user.password_hash = hash_password(password)
     return user, False

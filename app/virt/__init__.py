@@ -10,7 +10,6 @@ from app.virt.backup import (
     Progress,
     ScratchFile,
     abort_job,
-    job_running,
     run_backup,
     scratch_path,
 )
@@ -31,11 +30,8 @@ from app.virt.errors import (
 )
 from app.virt.images import (
     check_image,
-    compare_images,
-    data_bytes,
     image_info,
     rebase_onto,
-    rebuild_chain,
 )
 
 register_error_handler()
@@ -53,17 +49,13 @@ __all__ = [
     "VirtError",
     "abort_job",
     "check_image",
-    "compare_images",
-    "data_bytes",
     "delete_checkpoint",
     "domain_state",
     "image_info",
-    "job_running",
     "list_checkpoints",
     "list_disks",
     "prune_checkpoints",
     "rebase_onto",
-    "rebuild_chain",
     "reset_checkpoints",
     "run_backup",
     "scratch_path",

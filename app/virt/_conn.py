@@ -1,4 +1,7 @@
-"""libvirt connections: one per call, errors silenced on stderr (pitfall 10), translated."""
+"""libvirt connections: one per call, errors silenced on stderr, translated.
+
+(docs/libvirt.md, pitfall 10: libvirt-python prints every error unless a handler is set.)
+"""
 
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def run_backup(
 
     with open_domain(uri, domain) as dom:
         all_targets = _preflight(dom, targets, checkpoint, incremental_from)
-        _remove(paths)  # leftovers of a killed run: QEMU refuses an existing target (pitfall 6)
+        # Leftovers of a killed run: QEMU refuses an existing target (docs/libvirt.md, pitfall 6).
+        _remove(paths)
         bxml = backup_xml(all_targets, files, incremental_from)
         cxml = checkpoint_xml(all_targets, targets, checkpoint)
         started = False
@@ -308,12 +309,6 @@ def _rollback_checkpoint(dom: Domain, checkpoint: str) -> None:
             delete_on_domain(dom, checkpoint, metadata_only=True)
         except VirtError:
             log.error("could not remove checkpoint %s of a failed backup: %s", checkpoint, exc)
-
-
-def job_running(uri: str, domain: str) -> bool:
-    """True while the domain has a job (a backup, usually) in progress."""
-    with open_domain(uri, domain) as dom:
-        return _job_active(dom)
 
 
 def abort_job(uri: str, domain: str) -> bool:

@@ -85,19 +85,17 @@ def list_checkpoints(uri: str, domain: str) -> list[str]:
         return checkpoint_names(dom)
 
 
-def delete_checkpoint(uri: str, domain: str, name: str, metadata_only: bool = False) -> None:
-    """Delete a checkpoint; nothing happens when it does not exist.
-
-    With ``metadata_only`` QEMU's bitmap stays in the disk image (use for broken chains only).
-    """
+def delete_checkpoint(uri: str, domain: str, name: str) -> None:
+    """Delete a checkpoint (and its bitmap); nothing happens when it does not exist."""
     with open_domain(uri, domain) as dom:
-        delete_on_domain(dom, name, metadata_only=metadata_only)
+        delete_on_domain(dom, name)
 
 
 def prune_checkpoints(uri: str, domain: str, keep: Collection[str]) -> list[str]:
     """Delete every checkpoint whose name is not in ``keep``; return the deleted names.
 
-    Bitmaps of old checkpoints keep tracking writes and slow the guest down (pitfall 12).
+    Bitmaps of old checkpoints keep tracking writes and slow the guest down
+    (docs/libvirt.md, pitfall 12).
     """
     keep_set = set(keep)
     deleted: list[str] = []
@@ -110,7 +108,9 @@ def prune_checkpoints(uri: str, domain: str, keep: Collection[str]) -> list[str]
 
 
 def reset_checkpoints(uri: str, domain: str) -> None:
-    """Forget every checkpoint (metadata only): recovery after QEMU was killed (pitfall 8).
+    """Forget every checkpoint (metadata only): recovery after QEMU was killed.
+
+    docs/libvirt.md, pitfall 8.
 
     The next backup must be a full one with a new checkpoint.
     """

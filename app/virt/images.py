@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -84,21 +83,8 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def data_bytes(path: Path) -> int:
-    """Bytes holding data in the top layer of a qcow2 ``path``; backing files are not opened."""
-    spec = {"driver": "qcow2", "file": {"driver": "file", "filename": str(path)}, "backing": None}
-    proc = run_qemu_img(
-        ["map", "--output=json", "-U", "json:" + json.dumps(spec)], timeout=LONG_TIMEOUT
-    )
-    total = 0
-    for extent in json.loads(proc.stdout):
-        if extent.get("data") and extent.get("depth", 0) == 0:
-            total += int(extent["length"])
-    return total
-
-
 def wait_unlocked(path: Path, timeout: float = 10.0) -> None:
-    """Wait until no process holds the write lock of ``path`` (pitfall 4).
+    """Wait until no process holds the write lock of ``path`` (docs/libvirt.md, pitfall 4).
 
     QEMU reports a job complete 50-170 ms before it closes the target file.
     """
@@ -126,7 +112,8 @@ def rebase_onto(path: Path, parent_name: str) -> None:
     """Point ``path``'s backing file at ``parent_name`` without touching data (``rebase -u``).
 
     ``parent_name`` is stored as given: a relative name is resolved from ``path``'s directory.
-    Needed for incremental push targets, whose backing file is the live disk (pitfall 5).
+    Needed for incremental push targets, whose backing file is the live disk
+    (docs/libvirt.md, pitfall 5).
     """
     run_qemu_img(["rebase", "-u", "-b", parent_name, "-F", "qcow2", str(path)])
 
@@ -137,33 +124,3 @@ def check_image(path: Path) -> None:
     Leaked clusters (exit 3) waste space but lose no data, so they pass.
     """
     run_qemu_img(["check", "-U", str(path)], timeout=LONG_TIMEOUT, ok_codes=(0, 3))
-
-
-def compare_images(a: Path, b: Path) -> bool:
-    """True when both images show the same guest-visible content (``qemu-img compare -U``)."""
-    proc = run_qemu_img(["compare", "-U", str(a), str(b)], timeout=LONG_TIMEOUT, ok_codes=(0, 1))
-    return proc.returncode == 0
-
-
-def rebuild_chain(files: Sequence[Path], out: Path, out_format: str = "qcow2") -> None:
-    """Turn local files [full, inc1, ..., incN] into one standalone image at ``out``.
-
-    Each incremental is rebased in place (``-u``) onto the previous file, then the last one is
-    converted (the whole chain flattened) to a temporary name beside ``out`` and renamed.
-    """
-    if not files:
-        raise VirtError("rebuild_chain needs at least the full backup file")
-    for f in files:
-        if not f.is_file():
-            raise VirtError(f"backup file {f} is missing")
-    for prev, cur in itertools.pairwise(files):
-        rebase_onto(cur, str(prev.resolve()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.unlink(missing_ok=True)
-    try:
-        run_qemu_img(["convert", "-O", out_format, str(files[-1]), str(tmp)], timeout=LONG_TIMEOUT)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 from arq.connections import ArqRedis
 
-from app import virt
 from app.models import User
 from app.queues import hypervisor_queue
 from tests.factories import auth_headers
 from tests.restore.helpers import Maker, get_backup, snap
 from tests.virt import vmkit
+from tests.virt.images import compare_images
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
 from worker.jobs import JobContext, resources
@@ -85,7 +85,7 @@ async def test_backup_now_then_restore_through_the_api(
     done = (await real_client.get(f"/restores/{restore_id}", headers=headers)).json()
     assert done["status"] == "completed" and done["progress"] == 100, done
     for target in ("vda", "vdb"):
-        assert virt.compare_images(Path(done["result"][target]), expected[target]), target
+        assert compare_images(Path(done["result"][target]), expected[target]), target
 
     # The periodic verifier picks the newest backup of the instance once it is due.
     res = resources(worker_ctx)

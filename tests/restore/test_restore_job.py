@@ -24,6 +24,7 @@ from tests.restore.helpers import (
 )
 from tests.storage.servers import Server
 from tests.virt import vmkit
+from tests.virt.images import compare_images
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
 from worker.jobs import JobContext
@@ -61,7 +62,7 @@ async def _restore_every_point(
             assert out.name == f"{world.vm.name}-{target}-restore-{done.id.hex[:8]}.qcow2"
             virt.check_image(out)
             assert virt.image_info(out).get("backing-filename") is None  # standalone
-            assert virt.compare_images(out, expected[target]), f"{backup.type} {target} differs"
+            assert compare_images(out, expected[target]), f"{backup.type} {target} differs"
             out.unlink()
     scratch = Path(world.hypervisor.scratch_dir)
     assert not scratch.exists() or not list(scratch.iterdir()), "work files left behind"
@@ -139,7 +140,7 @@ async def test_in_place_restore_of_a_stopped_vm_then_the_next_backup_is_a_full(
     vmkit.start_vm(vm.name)
     after = snap(vm, tmp_path, "after")
     for target in DISKS:
-        assert virt.compare_images(after[target], expected[target]), target
+        assert compare_images(after[target], expected[target]), target
 
     await set_instance_status(maker, world, "deployed")
     nxt = await take_backup(worker_ctx, maker, world, "incremental")
@@ -169,7 +170,7 @@ async def test_in_place_restore_fails_when_libvirt_says_running_and_leaves_the_d
     )
     after = snap(vm, tmp_path, "after")
     for target in DISKS:
-        assert virt.compare_images(after[target], before[target]), target
+        assert compare_images(after[target], before[target]), target
 
 
 async def test_tampered_or_missing_stored_files_fail_before_touching_the_instance(
@@ -216,7 +217,7 @@ async def test_tampered_or_missing_stored_files_fail_before_touching_the_instanc
 
     after = snap(vm, tmp_path, "after")
     for target in DISKS:
-        assert virt.compare_images(after[target], before[target]), target
+        assert compare_images(after[target], before[target]), target
     scratch = Path(world.hypervisor.scratch_dir)
     assert not scratch.exists() or not list(scratch.iterdir()), "work files left behind"
 

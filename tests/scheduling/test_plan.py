@@ -18,8 +18,8 @@ from app.scheduling import (
     plan_backup,
     plan_now,
     slot_local_date,
-    upcoming_runs,
 )
+from tests.scheduling.runs import upcoming_runs
 
 MONDAY = date(2026, 3, 9)
 TUESDAY = date(2026, 3, 10)
@@ -52,12 +52,9 @@ def test_unusable_base_gives_full_with_reason(schedule: Schedule) -> None:
     assert plain.reason
 
 
-@pytest.mark.parametrize("schedule", [DAILY, WEEKLY_MON])
-def test_force_full(schedule: Schedule) -> None:
-    assert plan_backup(schedule, 6, chain(1), TUESDAY, force_full=True) == Plan(
-        "full", "full backup requested"
-    )
-    assert plan_backup(schedule, 0, chain(0), TUESDAY, force_full=True).kind == "full"
+def test_backup_now_forced_full() -> None:
+    assert plan_now(6, chain(1), True) == Plan("full", "full backup requested")
+    assert plan_now(0, chain(0), True).kind == "full"
 
 
 def test_daily_chain() -> None:

@@ -16,8 +16,8 @@ from app.scheduling import (
     Schedule,
     next_run_at,
     slot_local_date,
-    upcoming_runs,
 )
+from tests.scheduling.runs import upcoming_runs
 
 TRICKY_ZONES = [
     "America/New_York",

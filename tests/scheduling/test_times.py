@@ -12,8 +12,8 @@ from app.scheduling import (
     resolve_zone,
     run_on_local_date,
     slot_local_date,
-    upcoming_runs,
 )
+from tests.scheduling.runs import upcoming_runs
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from app.virt import ScratchFile, compare_images, rebase_onto, rebuild_chain
+from app.virt import ScratchFile, rebase_onto
+from tests.virt.images import compare_images, rebuild_chain
 
 
 def store(scratch: list[ScratchFile], storage: Path, backup: str, parent: str | None) -> None:
     """Store scratch files like the backup job does: storage/<backup>/<target>.qcow2.
 
-    An incremental is first rebased onto its parent's stored name (pitfall 5).
+    An incremental is first rebased onto its parent's stored name (docs/libvirt.md, pitfall 5).
     """
     (storage / backup).mkdir(parents=True, exist_ok=True)
     for f in scratch:

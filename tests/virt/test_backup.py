@@ -17,11 +17,9 @@ from app.virt import (
     ScratchFile,
     abort_job,
     check_image,
-    data_bytes,
     delete_checkpoint,
     domain_state,
     image_info,
-    job_running,
     list_checkpoints,
     list_disks,
     prune_checkpoints,
@@ -29,6 +27,7 @@ from app.virt import (
 )
 from tests.virt import vmkit
 from tests.virt.helpers import assert_same, restore, store
+from tests.virt.images import data_bytes, job_running
 from tests.virt.vmkit import URI, MiB
 
 BOTH = ["vda", "vdb"]
@@ -96,7 +95,7 @@ def test_full_then_incrementals_restore_every_point(vm: vmkit.VM, tmp_path: Path
             assert f.size_bytes == f.path.stat().st_size > 0
             if parent is None:
                 assert "backing-filename" not in image_info(f.path)
-            else:  # pitfall 5: QEMU points an incremental at the live disk
+            else:  # docs/libvirt.md, pitfall 5: QEMU points an incremental at the live disk
                 assert image_info(f.path)["backing-filename"] == str(vm.disk(f.target))
         store(scratch, storage, name, parent)
         chain.append(name)
@@ -313,7 +312,7 @@ def test_abort_job_of_an_orphaned_backup(make_vm: vmkit.VMFactory, tmp_path: Pat
         _backup(vm, tmp_path, "while-orphan", None)
     assert abort_job(URI, vm.name) is True
     assert not job_running(URI, vm.name)
-    assert not target.exists()  # pitfall 6: a cancelled push deletes its target
+    assert not target.exists()  # docs/libvirt.md, pitfall 6: a cancelled push deletes its target
 
 
 def test_parallel_backups_of_two_vms(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:

@@ -14,12 +14,12 @@ from app.virt import (
     DiskBusy,
     DomainNotFound,
     VirtError,
-    data_bytes,
     list_checkpoints,
     run_backup,
 )
 from tests.virt import vmkit
 from tests.virt.helpers import assert_same, restore, store
+from tests.virt.images import data_bytes
 from tests.virt.vmkit import URI, MiB
 
 BOTH = ["vda", "vdb"]

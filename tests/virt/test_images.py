@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from app.virt import VirtError, check_image, compare_images, image_info, rebase_onto, rebuild_chain
-from app.virt.images import create_full_target, data_bytes, wait_unlocked
+from app.virt import VirtError, check_image, image_info, rebase_onto
+from app.virt.images import create_full_target, wait_unlocked
+from tests.virt.images import compare_images, data_bytes, rebuild_chain
 
 MiB = 1024 * 1024
 

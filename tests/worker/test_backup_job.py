@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app import virt
 from app.models import Backup, BackupFile, BackupPolicy
 from tests.virt import vmkit
+from tests.virt.images import compare_images, job_running
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
 from worker.jobs import JobContext
@@ -122,9 +123,7 @@ async def test_full_then_incrementals_restore_every_point_bit_for_bit(
             restored = _restore(
                 world.storage_dir, f.object_key, tmp_path / f"r-{backup.id}-{target}.raw"
             )
-            assert virt.compare_images(restored, snapshot[target]), (
-                f"{backup.type} {target} differs"
-            )
+            assert compare_images(restored, snapshot[target]), f"{backup.type} {target} differs"
         assert (stored.parent / "manifest.json").exists()
 
     # An incremental holds what changed, not the disk: 1.5 MiB written on vda, 1.5 MiB on vdb.
@@ -195,7 +194,7 @@ async def test_killed_qemu_resets_the_chain_then_incrementals_work_again(
     assert inc.status == "completed", inc.error
     assert inc.type == "incremental" and inc.parent_id == reset.id
     key = (await _files(maker, inc))["vda"].object_key
-    assert virt.compare_images(_restore(world.storage_dir, key, tmp_path / "r.raw"), expected)
+    assert compare_images(_restore(world.storage_dir, key, tmp_path / "r.raw"), expected)
 
 
 async def test_added_data_disk_starts_a_new_chain(
@@ -244,7 +243,7 @@ async def test_added_data_disk_starts_a_new_chain(
 
 def _job_running(vm: vmkit.VM) -> bool:
     try:
-        return virt.job_running(vm.uri, vm.name)
+        return job_running(vm.uri, vm.name)
     except virt.VirtError:  # "backup job data missing" while the job is being set up
         return True
 
@@ -284,7 +283,7 @@ async def test_worker_killed_mid_backup_leaves_nothing_stuck(
         cleaned = await session.get(Backup, backup_id)
         assert cleaned is not None and cleaned.status == "failed"
         assert "worker stopped" in (cleaned.error or "").lower()
-    assert not virt.job_running(vm.uri, vm.name)
+    assert not job_running(vm.uri, vm.name)
     assert not list(Path(world.hypervisor.scratch_dir).glob("*"))
     assert f"ibp-{backup_id}" not in virt.list_checkpoints(vm.uri, vm.name)
 
@@ -333,4 +332,4 @@ async def test_a_second_backup_of_a_busy_instance_is_skipped_not_run_alongside(
         assert skipped.error == "Skipped: another backup of this instance was already running"
         policy = await session.get(BackupPolicy, world.policy.id)
         assert policy is not None and policy.status == "active"
-    assert not virt.job_running(world.vm.uri, world.vm.name)
+    assert not job_running(world.vm.uri, world.vm.name)

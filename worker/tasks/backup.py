@@ -22,10 +22,11 @@ from app import virt
 from app.engine.chains import Busy, chain_states
 from app.engine.lifecycle import StoredFile, record_completion, record_failure
 from app.engine.storage_access import backup_prefix, open_driver
-from app.models import Backup, BackupPolicy, Hypervisor, Instance
+from app.models import Backup, Hypervisor, Instance
 from app.queues import JobQueue
 from app.scheduling import Chain, Decision, decide
 from app.storage.base import BackupStorageDriver, StorageFull
+from app.values import BackupDevice, BackupType
 from worker.jobs import Job, JobFailed, Progress, Resources, now
 
 OVERLAP = "Skipped: another backup of this instance was already running"
@@ -40,7 +41,6 @@ class Work:
     backup: Backup
     instance: Instance
     hypervisor: Hypervisor
-    policy: BackupPolicy | None
     chain: Chain
     progress: Progress
 
@@ -82,9 +82,8 @@ class BackupJob(Job[Work]):
         assert instance is not None
         hypervisor = await session.get(Hypervisor, instance.hypervisor_id)
         assert hypervisor is not None
-        policy = await session.get(BackupPolicy, backup.policy_id) if backup.policy_id else None
         chain = (await chain_states(session, [instance.id]))[instance.id]
-        return Work(backup, instance, hypervisor, policy, chain, Progress())
+        return Work(backup, instance, hypervisor, chain, Progress())
 
     async def execute(self, res: Resources, work: Work, progress: Progress) -> str:
         work.progress = progress
@@ -112,7 +111,7 @@ async def _execute(res: Resources, work: Work) -> str:
     if state != "running":
         raise virt.DomainNotRunning(state)
     all_disks = await asyncio.to_thread(virt.list_disks, uri, domain)
-    disks = [d for d in all_disks if backup.backup_device == "all" or d.boot]
+    disks = [d for d in all_disks if backup.backup_device == BackupDevice.ALL or d.boot]
     if not disks:
         raise JobFailed("Instance has no file-backed disk to back up")
     checkpoints = await asyncio.to_thread(virt.list_checkpoints, uri, domain)
@@ -167,7 +166,7 @@ async def _execute(res: Resources, work: Work) -> str:
 async def _guard_free_space(
     driver: BackupStorageDriver, disks: list[virt.DiskInfo], decision: Decision
 ) -> None:
-    if decision.type != "full":
+    if decision.type != BackupType.FULL:
         return
     free = await driver.free_bytes()
     if free is None:
@@ -197,11 +196,11 @@ async def _take(
     try:
         return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)
     except virt.CheckpointBroken as exc:
-        if decision.type != "incremental":
+        if decision.type != BackupType.INCREMENTAL:
             raise
         # The bitmap is gone (QEMU killed, VM redefined): clean the metadata, start a new chain.
         await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
-        decision.type, decision.parent_id, decision.incremental_from = "full", None, None
+        decision.type, decision.parent_id, decision.incremental_from = BackupType.FULL, None, None
         decision.chain_id = uuid.uuid4()
         decision.reset_reason = str(exc)
         return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)

@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select
 from app.engine.storage_access import backup_prefix, open_driver
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import StorageError
+from app.values import BackupStatus
 from worker.jobs import JobContext, resources
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
         )
         if backup is None:
             return "gone"
-        if backup.status != "deleting":
+        if backup.status != BackupStatus.DELETING:
             return f"not deleting ({backup.status})"
         files = list(
             await session.scalars(select(BackupFile).where(BackupFile.backup_id == backup.id))

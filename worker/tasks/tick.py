@@ -22,11 +22,13 @@ from app.models import Backup, BackupPolicy, Instance, User
 from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
     Chain,
+    missed_slot_action,
     next_run_at,
     plan_backup,
     run_on_local_date,
     slot_local_date,
 )
+from app.values import BackupStatus, BackupType, InstanceStatus, PolicyStatus
 
 BATCH = 500
 
@@ -36,7 +38,6 @@ class TickResult:
     policies: int = 0
     dispatched: list[uuid.UUID] = field(default_factory=list)
     skipped: int = 0
-    failed: int = 0
 
 
 def _latest_run(policy: BackupPolicy, zone: str, now: datetime) -> datetime:
@@ -55,7 +56,7 @@ def _skip(policy: BackupPolicy, reason: str, now: datetime, count: int = 1) -> N
 
 
 def _fail(policy: BackupPolicy, message: str, now: datetime) -> None:
-    policy.status = "error"
+    policy.status = PolicyStatus.ERROR
     policy.last_error = message
     policy.last_error_at = now
 
@@ -67,7 +68,7 @@ async def _dispatch_batch(
         await session.execute(
             select(BackupPolicy, User.timezone)
             .join(User, User.id == BackupPolicy.owner_id)
-            .where(BackupPolicy.status != "paused", BackupPolicy.next_run_at <= now)
+            .where(BackupPolicy.status != PolicyStatus.PAUSED, BackupPolicy.next_run_at <= now)
             .order_by(BackupPolicy.next_run_at)
             .limit(BATCH)
             .with_for_update(of=BackupPolicy, skip_locked=True)
@@ -97,7 +98,7 @@ async def _dispatch_batch(
         # After downtime only the newest missed run may still run (within the grace window);
         # the older ones are dropped and counted, never fired as a burst.
         missed = len(_runs_between(policy, zone, policy.next_run_at, slot))
-        runs_now = now - slot <= grace
+        runs_now = missed_slot_action(slot, now, grace) == "run"
         if not runs_now:
             missed += 1
         if missed:
@@ -109,7 +110,7 @@ async def _dispatch_batch(
                 row = _plan_instance(policy, instance, chains[instance.id], slot, slot_date, now)
                 if row is not None:
                     new_backups.append(row)
-                elif instance.status == "deployed":
+                elif instance.status == InstanceStatus.DEPLOYED:
                     result.skipped += 1
         policy.next_run_at = next_run_at(policy.schedule, zone, now)
 
@@ -126,7 +127,7 @@ async def _dispatch_batch(
         ).all()
         hypervisor_of = {i.id: i.hypervisor_id for i in instances}
         for backup_id, instance_id, status in inserted:
-            if status == "pending":
+            if status == BackupStatus.PENDING:
                 enqueue_backup(jobs, backup_id, hypervisor_of[instance_id])
                 result.dispatched.append(backup_id)
     return len(rows)
@@ -165,10 +166,11 @@ def _plan_instance(
         "backup_device": policy.backup_device,
         "manual": False,
     }
-    if instance.status != "deployed":
+    if instance.status != InstanceStatus.DEPLOYED:
         message = f"Instance is {instance.status}"
         _fail(policy, f"{instance.name}: {message}", now)
-        return {**base, "type": "full", "status": "failed", "error": message, "completed_at": now}
+        failed = {"type": BackupType.FULL, "status": BackupStatus.FAILED, "error": message}
+        return {**base, **failed, "completed_at": now}
     if chain.busy:
         _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
         return None
@@ -179,7 +181,7 @@ def _plan_instance(
     return {
         **base,
         "type": plan.kind,
-        "status": "pending",
+        "status": BackupStatus.PENDING,
         "plan_reason": plan.reason,
         "chain_reset_reason": state.reset_reason if state else None,
     }
