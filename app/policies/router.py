@@ -5,11 +5,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.auth.deps import CurrentPrincipal, CurrentUser
+from app.auth.deps import CurrentUser
 from app.backups import service as backups
 from app.backups.router import StatusFilter, TypeFilter
 from app.backups.schemas import BackupRead
-from app.db import ReadsDep, SessionDep
+from app.db import SessionDep
 from app.errors import problem_responses
 from app.instances.schemas import InstanceBrief
 from app.policies import preview, service
@@ -30,21 +30,15 @@ router = APIRouter(
 )
 
 
-@router.get(
-    "",
-    name="list",
-    summary="List backup policies (yours; admins see all)",
-    response_model=Page[PolicyRead],
-)
+@router.get("", name="list", summary="List backup policies (yours; admins see all)")
 async def list_all(
-    reads: ReadsDep,
-    user: CurrentPrincipal,
+    session: SessionDep,
+    user: CurrentUser,
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[PolicyStatus | None, Query()] = None,
-) -> Response:
-    body = await service.list_policies_json(reads, user, owner_id, status, page)
-    return Response(body, media_type="application/json")
+) -> Page[PolicyRead]:
+    return await service.list_policies(session, user, owner_id, status, page)
 
 
 @router.post(

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Hashable
-from contextlib import nullcontext
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from pydantic_core import to_json
-from sqlalchemy import Select, Uuid, func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.service import Principal
-from app.cache import Tag
-from app.db import Reads
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
 from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
-from app.schemas import PageParams
+from app.schemas import Page, PageParams, fetch_page
 
 ALREADY_ATTACHED = "Instance is already attached to another backup policy"
 
@@ -59,41 +54,6 @@ def readable_policies(user: User) -> Select[BackupPolicy, str, int]:
     return stmt
 
 
-# Ids come back as text: JSON wants text, and pydantic-core serializes str far faster than
-# asyncpg's own UUID type.
-_POLICY_COLUMNS = ", ".join(
-    f"p.{c.name}::text AS {c.name}" if isinstance(c.type, Uuid) else f"p.{c.name}"
-    for c in BackupPolicy.__table__.c
-)
-
-
-def _where(columns: tuple[str, ...], first: int) -> str:
-    if not columns:
-        return ""
-    return "WHERE " + " AND ".join(f"p.{c} = ${first + i}" for i, c in enumerate(columns))
-
-
-@lru_cache(maxsize=16)
-def _page_sql(own: bool, by_owner: bool, by_status: bool) -> tuple[str, str]:
-    """The page ($1 limit, $2 offset, then the filters) and the count (the filters only).
-
-    One statement text per combination of filters (not `$n IS NULL OR ...`), so PostgreSQL's
-    cached plan for each can use the owner index.
-    """
-    used = (("owner_id", own), ("owner_id", by_owner), ("status", by_status))
-    columns = tuple(column for column, on in used if on)
-    count = "SELECT count(*) FROM backup_policies p "
-    page = f"""
-SELECT {_POLICY_COLUMNS}, u.timezone,
-       (SELECT count(*) FROM instances i WHERE i.backup_policy_id = p.id) AS instance_count,
-       ({count}{_where(columns, 3)}) AS total
-FROM backup_policies p JOIN users u ON u.id = p.owner_id
-{_where(columns, 3)}
-ORDER BY p.created_at DESC, p.id DESC
-LIMIT $1 OFFSET $2"""
-    return page, count + _where(columns, 1)
-
-
 @lru_cache(maxsize=1024)
 def _summary(frequency: str, hour: int, day_of_week: str | None) -> str:
     """Cached: a few hundred combinations exist at most."""
@@ -126,62 +86,22 @@ def _read_fields(get: Callable[[str], Any]) -> dict[str, Any]:
     }
 
 
-async def list_policies_json(
-    reads: Reads,
-    user: Principal,
+async def list_policies(
+    session: AsyncSession,
+    user: User,
     owner_id: uuid.UUID | None,
     status: str | None,
     page: PageParams,
-) -> bytes:
-    """The list page as JSON: from the read cache, else one prepared statement.
-
-    The busiest screen of the panel, so no ORM objects and no pydantic validation of values
-    PostgreSQL has already typed; each item carries exactly PolicyRead's fields (a test holds
-    every item equal to the single read). The total rides along as an uncorrelated subquery
-    that PostgreSQL computes once; an empty page (offset past the end) asks for it separately.
-    A user's pages are retired by their own list's changes, an admin's by everyone's, and both
-    by a change to a policy they show (app.cache).
-    """
-    own = not user.is_admin
-    key = (user.id if own else None, owner_id, status, page.limit, page.offset)
-    cache = reads.cache
-    if (cached := cache.page(key)) is not None:
-        return cached
-    if (flight := cache.flight(key)) is not None:  # being read: wait for it, then check it
-        await flight.wait()
-        if (cached := cache.page(key)) is not None:
-            return cached
-    tag = cache.tag(str(user.id) if own else None)
-    with cache.leading(key) if tag is not None else nullcontext():
-        return await _read_page(reads, tag, key, user, owner_id, status, page)
-
-
-async def _read_page(
-    reads: Reads,
-    tag: Tag | None,
-    key: Hashable,
-    user: Principal,
-    owner_id: uuid.UUID | None,
-    status: str | None,
-    page: PageParams,
-) -> bytes:
-    own = not user.is_admin
-    page_sql, count_sql = _page_sql(own, owner_id is not None, status is not None)
-    filters = [value for value in (user.id if own else None, owner_id, status) if value is not None]
-    conn = await reads.connection()
-    rows = await conn.fetch(page_sql, page.limit, page.offset, *filters)
-    total = rows[0]["total"] if rows else await conn.fetchval(count_sql, *filters)
-    body = to_json(
-        {
-            "items": [_read_fields(row.__getitem__) for row in rows],
-            "total": total,
-            "limit": page.limit,
-            "offset": page.offset,
-        }
-    )
-    if tag is not None:
-        reads.cache.keep_page(key, tag, tuple(row["id"] for row in rows), body)
-    return body
+) -> Page[PolicyRead]:
+    stmt = readable_policies(user)
+    if owner_id is not None:
+        stmt = stmt.where(BackupPolicy.owner_id == owner_id)
+    if status is not None:
+        stmt = stmt.where(BackupPolicy.status == status)
+    stmt = stmt.order_by(BackupPolicy.created_at.desc(), BackupPolicy.id.desc())
+    rows, total = await fetch_page(session, stmt, page)
+    items = [to_read(*row) for row in rows]
+    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
