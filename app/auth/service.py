@@ -59,14 +59,13 @@ def _token_row(
     )
 
 
+_TOKEN_USER = select(ApiToken, User).join(User, User.id == ApiToken.user_id)  # built once
+
+
 async def authenticate(session: AsyncSession, token: str) -> User:
-    row = (
-        await session.execute(
-            select(ApiToken, User)
-            .join(User, User.id == ApiToken.user_id)
-            .where(ApiToken.token_hash == token_digest(token))
-        )
-    ).first()
+    """The token's user, read from the database on every request (revocation is seen at once)."""
+    stmt = _TOKEN_USER.where(ApiToken.token_hash == token_digest(token))
+    row = (await session.execute(stmt)).first()
     now = _now()
     if row is None:
         raise Unauthorized("Invalid token")

@@ -30,15 +30,21 @@ router = APIRouter(
 )
 
 
-@router.get("", name="list", summary="List backup policies (yours; admins see all)")
+@router.get(
+    "",
+    name="list",
+    summary="List backup policies (yours; admins see all)",
+    response_model=Page[PolicyRead],
+)
 async def list_all(
     session: SessionDep,
     user: CurrentUser,
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[PolicyStatus | None, Query()] = None,
-) -> Page[PolicyRead]:
-    return await service.list_policies(session, user, owner_id, status, page)
+) -> Response:
+    body = await service.list_policies_json(session, user, owner_id, status, page)
+    return Response(body, media_type="application/json")
 
 
 @router.post(

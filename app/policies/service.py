@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVarTuple
 
+from pydantic_core import to_json
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
-from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
+from app.policies.schemas import PolicyCreate, PolicyRead, PolicySchedule, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
-from app.schemas import Page, PageParams, fetch_page
+from app.schemas import PageParams
+
+Ts = TypeVarTuple("Ts")
 
 ALREADY_ATTACHED = "Instance is already attached to another backup policy"
 
@@ -44,14 +47,22 @@ _instance_count = (
 )
 
 
+_policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
+
+
+def _scoped(stmt: Select[*Ts], user: User) -> Select[*Ts]:
+    """The one rule of who reads which policies: admins all, users their own."""
+    return stmt if user.is_admin else stmt.where(_policies.c.owner_id == user.id)
+
+
+_POLICY_ROWS = select(BackupPolicy, User.timezone, _instance_count).join(
+    User, User.id == BackupPolicy.owner_id
+)
+
+
 def readable_policies(user: User) -> Select[BackupPolicy, str, int]:
     """Every policy query goes through here: a policy, its owner's zone and instance count."""
-    stmt = select(BackupPolicy, User.timezone, _instance_count).join(
-        User, User.id == BackupPolicy.owner_id
-    )
-    if not user.is_admin:
-        stmt = stmt.where(BackupPolicy.owner_id == user.id)
-    return stmt
+    return _scoped(_POLICY_ROWS, user)
 
 
 @lru_cache(maxsize=1024)
@@ -61,47 +72,84 @@ def _summary(frequency: str, hour: int, day_of_week: str | None) -> str:
     return schedule_summary(schedule)
 
 
-def _read_fields(get: Callable[[str], Any]) -> dict[str, Any]:
-    """PolicyRead's fields, from any source of the columns plus timezone and instance_count."""
-    frequency, hour, day_of_week = get("frequency"), get("hour"), get("day_of_week")
+def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """PolicyRead's fields, from the policy's columns plus timezone and instance_count.
+
+    Ids as text: pydantic-core infers asyncpg's own UUID type about 3x slower than it
+    serializes a str, which costs more than the conversion."""
+    frequency, hour, day_of_week = row["frequency"], row["hour"], row["day_of_week"]
     return {
-        "id": get("id"),
-        "owner_id": get("owner_id"),
-        "name": get("name"),
-        "status": get("status"),
+        "id": str(row["id"]),
+        "owner_id": str(row["owner_id"]),
+        "name": row["name"],
+        "status": row["status"],
         "schedule": {"frequency": frequency, "hour": hour, "day_of_week": day_of_week},
         "schedule_summary": _summary(frequency, hour, day_of_week),
-        "timezone": get("timezone"),
-        "max_incremental_chain": get("max_incremental_chain"),
-        "retention_count": get("retention_count"),
-        "backup_device": get("backup_device"),
-        "instance_count": get("instance_count"),
-        "last_error": get("last_error"),
-        "last_error_at": get("last_error_at"),
-        "next_run_at": get("next_run_at"),
-        "skipped_runs": get("skipped_runs"),
-        "last_skip_reason": get("last_skip_reason"),
-        "created_at": get("created_at"),
-        "updated_at": get("updated_at"),
+        "timezone": row["timezone"],
+        "max_incremental_chain": row["max_incremental_chain"],
+        "retention_count": row["retention_count"],
+        "backup_device": row["backup_device"],
+        "instance_count": row["instance_count"],
+        "last_error": row["last_error"],
+        "last_error_at": row["last_error_at"],
+        "next_run_at": row["next_run_at"],
+        "skipped_runs": row["skipped_runs"],
+        "last_skip_reason": row["last_skip_reason"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
     }
 
 
-async def list_policies(
+# What PolicyRead shows of a policy's own columns.
+_READ_COLUMNS = tuple(
+    c
+    for c in _policies.c
+    if c.key in PolicyRead.model_fields or c.key in PolicySchedule.model_fields
+)
+# The list's statements, built once and on the tables: SQLAlchemy skips its ORM steps for them.
+_LIST_ROWS = select(
+    *_READ_COLUMNS,
+    _users.c.timezone,
+    select(func.count())
+    .where(_instances.c.backup_policy_id == _policies.c.id)
+    .correlate(_policies)
+    .scalar_subquery()
+    .label("instance_count"),
+).join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
+_LIST_COUNT = select(func.count()).select_from(_policies)
+_NEWEST_FIRST = (_policies.c.created_at.desc(), _policies.c.id.desc())
+
+
+async def list_policies_json(
     session: AsyncSession,
     user: User,
     owner_id: uuid.UUID | None,
     status: str | None,
     page: PageParams,
-) -> Page[PolicyRead]:
-    stmt = readable_policies(user)
+) -> bytes:
+    """The page as Page[PolicyRead]'s JSON. The busiest screen of the panel, so plain columns
+    rather than ORM objects, the total in the same round trip (an uncorrelated subquery that
+    PostgreSQL computes once; an empty page, offset past the end, asks for it separately), and
+    one dump by pydantic-core without validating what PostgreSQL already typed (a test holds
+    every item equal to the single read)."""
+    filters = []
     if owner_id is not None:
-        stmt = stmt.where(BackupPolicy.owner_id == owner_id)
+        filters.append(_policies.c.owner_id == owner_id)
     if status is not None:
-        stmt = stmt.where(BackupPolicy.status == status)
-    stmt = stmt.order_by(BackupPolicy.created_at.desc(), BackupPolicy.id.desc())
-    rows, total = await fetch_page(session, stmt, page)
-    items = [to_read(*row) for row in rows]
-    return Page(items=items, total=total, limit=page.limit, offset=page.offset)
+        filters.append(_policies.c.status == status)
+    count = _scoped(_LIST_COUNT, user).where(*filters)
+    stmt = (
+        _scoped(_LIST_ROWS, user)
+        .where(*filters)
+        .add_columns(count.correlate(None).scalar_subquery().label("total"))
+        .order_by(*_NEWEST_FIRST)
+        .limit(page.limit)
+        .offset(page.offset)
+    )
+    rows = (await session.execute(stmt)).all()
+    total = rows[0].total if rows else await session.scalar(count)
+    items = [_read_fields(row._mapping) for row in rows]
+    return to_json({"items": items, "total": total, "limit": page.limit, "offset": page.offset})
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
@@ -110,8 +158,8 @@ def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
 
 def read_values(policy: BackupPolicy, zone: str, instance_count: int) -> dict[str, Any]:
     """A policy's read fields from its ORM object, its owner's zone and its instance count."""
-    extra = {"timezone": zone, "instance_count": instance_count}
-    return _read_fields(lambda key: extra[key] if key in extra else getattr(policy, key))
+    columns = {c.key: getattr(policy, c.key) for c in _READ_COLUMNS}
+    return _read_fields({**columns, "timezone": zone, "instance_count": instance_count})
 
 
 async def get_policy_row(
