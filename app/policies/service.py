@@ -39,30 +39,25 @@ def plan_next_run(policy: BackupPolicy, zone: str, after: datetime | None = None
     policy.next_run_at = next_run_at(schedule_of(policy), zone, after or _now())
 
 
+_policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
 _instance_count = (
     select(func.count())
-    .where(Instance.backup_policy_id == BackupPolicy.id)
-    .correlate(BackupPolicy)
+    .where(_instances.c.backup_policy_id == _policies.c.id)
+    .correlate(_policies)
     .scalar_subquery()
+    .label("instance_count")
 )
 
 
-_policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
-
-
-def _scoped(stmt: Select[*Ts], user: User) -> Select[*Ts]:
-    """The one rule of who reads which policies: admins all, users their own."""
+def readable_policies(user: User, stmt: Select[*Ts]) -> Select[*Ts]:
+    """Every policy query goes through here: admins read all policies, users their own."""
     return stmt if user.is_admin else stmt.where(_policies.c.owner_id == user.id)
 
 
+# A policy, its owner's zone and its instance count: what a single read or an edit loads.
 _POLICY_ROWS = select(BackupPolicy, User.timezone, _instance_count).join(
     User, User.id == BackupPolicy.owner_id
 )
-
-
-def readable_policies(user: User) -> Select[BackupPolicy, str, int]:
-    """Every policy query goes through here: a policy, its owner's zone and instance count."""
-    return _scoped(_POLICY_ROWS, user)
 
 
 @lru_cache(maxsize=1024)
@@ -110,11 +105,7 @@ _READ_COLUMNS = tuple(
 _LIST_ROWS = select(
     *_READ_COLUMNS,
     _users.c.timezone,
-    select(func.count())
-    .where(_instances.c.backup_policy_id == _policies.c.id)
-    .correlate(_policies)
-    .scalar_subquery()
-    .label("instance_count"),
+    _instance_count,
 ).join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
 _LIST_COUNT = select(func.count()).select_from(_policies)
 _NEWEST_FIRST = (_policies.c.created_at.desc(), _policies.c.id.desc())
@@ -137,9 +128,9 @@ async def list_policies_json(
         filters.append(_policies.c.owner_id == owner_id)
     if status is not None:
         filters.append(_policies.c.status == status)
-    count = _scoped(_LIST_COUNT, user).where(*filters)
+    count = readable_policies(user, _LIST_COUNT).where(*filters)
     stmt = (
-        _scoped(_LIST_ROWS, user)
+        readable_policies(user, _LIST_ROWS)
         .where(*filters)
         .add_columns(count.correlate(None).scalar_subquery().label("total"))
         .order_by(*_NEWEST_FIRST)
@@ -153,20 +144,18 @@ async def list_policies_json(
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
-    return PolicyRead(**read_values(policy, zone, instance_count))
-
-
-def read_values(policy: BackupPolicy, zone: str, instance_count: int) -> dict[str, Any]:
-    """A policy's read fields from its ORM object, its owner's zone and its instance count."""
-    columns = {c.key: getattr(policy, c.key) for c in _READ_COLUMNS}
-    return _read_fields({**columns, "timezone": zone, "instance_count": instance_count})
+    values = {c.key: getattr(policy, c.key) for c in _READ_COLUMNS}
+    values |= {"timezone": zone, "instance_count": instance_count}
+    return PolicyRead(**_read_fields(values))
 
 
 async def get_policy_row(
     session: AsyncSession, user: User, policy_id: uuid.UUID
 ) -> tuple[BackupPolicy, str, int]:
     row = (
-        await session.execute(readable_policies(user).where(BackupPolicy.id == policy_id))
+        await session.execute(
+            readable_policies(user, _POLICY_ROWS).where(BackupPolicy.id == policy_id)
+        )
     ).first()
     if row is None:
         raise NotFound("Backup policy not found")
