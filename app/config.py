@@ -21,9 +21,6 @@ class Settings(BaseSettings):
     session_lifetime_hours: float = Field(default=12.0, gt=0)
     cors_origins: list[str] = Field(default_factory=list)
     db_pool_size: int = Field(default=10, ge=1)
-    # Keep hot reads (token lookups, policy-list pages) in memory, invalidated by the
-    # database's change notifications (app/cache.py).
-    read_cache: bool = True
     # Scheduler knobs: how late a missed run may still run, when a silent job is lost.
     catch_up_grace_hours: float = Field(default=6.0, ge=0)
     stale_backup_minutes: float = Field(default=15.0, gt=0)

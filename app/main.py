@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 from arq import create_pool
@@ -15,10 +14,8 @@ from fastapi.routing import APIRoute
 
 from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
-from app.cache import ReadCache, follow_changes
 from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker
-from app.deps import asyncpg_dsn, build_read_pool
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
@@ -40,13 +37,9 @@ def _operation_id(route: APIRoute) -> str:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     owned_engine = None
-    feed: asyncio.Task[None] | None = None
     if getattr(app.state, "sessionmaker", None) is None:
-        owned_engine = build_engine(settings)
+        owned_engine = build_engine(settings, pre_ping=False)
         app.state.sessionmaker = build_sessionmaker(owned_engine)
-        app.state.read_pool = await build_read_pool(settings)
-        if settings.read_cache:
-            feed = asyncio.create_task(follow_changes(app.state.read_cache, asyncpg_dsn(settings)))
     owned_arq = None
     if getattr(app.state, "arq", None) is None:
         owned_arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
@@ -54,15 +47,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if feed is not None:
-            feed.cancel()
-            with suppress(asyncio.CancelledError):
-                await feed
         if owned_arq is not None:
             await owned_arq.aclose()
         if owned_engine is not None:
-            await app.state.read_pool.close()
-            app.state.read_pool = None
             await owned_engine.dispose()
 
 
@@ -80,10 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessionmaker = None
-    app.state.read_pool = None
-    # Live only while the lifespan follows the database's change feed (never with an injected
-    # sessionmaker, whose transactions may never commit and so never notify).
-    app.state.read_cache = ReadCache()
     app.state.arq = None
     install_error_handlers(app)
     if settings.cors_origins:

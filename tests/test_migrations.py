@@ -10,6 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.models import Base
@@ -47,6 +48,14 @@ async def test_migrations_match_the_models_and_are_reversible() -> None:
                 )
             )
         assert diff == [], f"models and migrations differ: {diff}"
+        async with engine.connect() as conn:  # 0006 dropped the read cache's notifications
+            leftovers = await conn.scalar(
+                text(
+                    "SELECT (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal)"
+                    " + (SELECT count(*) FROM pg_proc WHERE proname LIKE 'ibp_notify%')"
+                )
+            )
+        assert leftovers == 0
     finally:
         await engine.dispose()
         await _sql(f'DROP DATABASE IF EXISTS "{DB}"')

@@ -8,8 +8,7 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.auth import service
-from app.auth.service import Principal
-from app.deps import ReadsDep, SessionDep
+from app.deps import SessionDep
 from app.errors import Forbidden, Unauthorized
 from app.models import User
 
@@ -29,12 +28,6 @@ async def current_user(session: SessionDep, credentials: Credentials) -> User:
     return await service.authenticate(session, _token(credentials))
 
 
-async def current_principal(reads: ReadsDep, credentials: Credentials) -> Principal:
-    """The caller's id and role only, from the read cache or one prepared statement (no ORM:
-    for hot list pages)."""
-    return await service.authenticate_principal(reads, _token(credentials))
-
-
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     if not user.is_admin:
         raise Forbidden("This operation is for administrators only")
@@ -42,5 +35,4 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 AdminUser = Annotated[User, Depends(admin_user)]

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.schemas import ApiTokenCreate
-from app.cache import CachedToken
-from app.deps import Reads
 from app.errors import NotFound, Unauthorized, Unprocessable
 from app.models import ApiToken, User
 from app.security import (
@@ -63,81 +60,26 @@ def _token_row(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is asking, without loading the user row: for the hottest read endpoints."""
-
-    id: uuid.UUID
-    is_admin: bool
-
-
-def _check_token(revoked_at: datetime | None, expires_at: datetime | None, now: datetime) -> None:
-    if revoked_at is not None:
-        raise Unauthorized("Token has been revoked")
-    if expires_at is not None and expires_at <= now:
-        raise Unauthorized("Token has expired")
-
-
-def _needs_touch(last_used_at: datetime | None, now: datetime) -> bool:
-    return last_used_at is None or now - last_used_at > LAST_USED_RESOLUTION
+_TOKEN_USER = select(ApiToken, User).join(User, User.id == ApiToken.user_id)  # built once
 
 
 async def authenticate(session: AsyncSession, token: str) -> User:
-    row = (
-        await session.execute(
-            select(ApiToken, User)
-            .join(User, User.id == ApiToken.user_id)
-            .where(ApiToken.token_hash == token_digest(token))
-        )
-    ).first()
+    """The token's user, read from the database on every request (revocation is seen at once)."""
+    stmt = _TOKEN_USER.where(ApiToken.token_hash == token_digest(token))
+    row = (await session.execute(stmt)).first()
     now = _now()
     if row is None:
         raise Unauthorized("Invalid token")
     api_token, user = row
-    _check_token(api_token.revoked_at, api_token.expires_at, now)
-    if _needs_touch(api_token.last_used_at, now):
+    if api_token.revoked_at is not None:
+        raise Unauthorized("Token has been revoked")
+    if api_token.expires_at is not None and api_token.expires_at <= now:
+        raise Unauthorized("Token has expired")
+    if api_token.last_used_at is None or now - api_token.last_used_at > LAST_USED_RESOLUTION:
         await session.execute(
             update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
         )
     return user
-
-
-_PRINCIPAL_SQL = """
-SELECT t.id AS token_id, t.revoked_at, t.expires_at, t.last_used_at, u.id, u.role
-FROM api_tokens t JOIN users u ON u.id = t.user_id
-WHERE t.token_hash = $1"""
-_TOUCH_SQL = "UPDATE api_tokens SET last_used_at = $2 WHERE id = $1"
-
-
-async def authenticate_principal(reads: Reads, token: str) -> Principal:
-    """The same checks as authenticate(): from the read cache when it knows the token, else
-    one prepared statement (and the answer cached). Expiry and last_used_at are checked on
-    every request either way; revocation and role changes reach the cache by notification."""
-    digest = token_digest(token)
-    now = _now()
-    cached = reads.cache.token(digest)
-    if cached is None:
-        generation = reads.cache.token_generation()
-        conn = await reads.connection()
-        row = await conn.fetchrow(_PRINCIPAL_SQL, digest)
-        if row is None:
-            raise Unauthorized("Invalid token")
-        _check_token(row["revoked_at"], row["expires_at"], now)
-        cached = CachedToken(
-            principal=Principal(id=row["id"], is_admin=row["role"] == "admin"),
-            token_id=row["token_id"],
-            expires_at=row["expires_at"],
-            last_used_at=row["last_used_at"],
-        )
-        if generation is not None:
-            reads.cache.keep_token(digest, generation, cached)
-    else:
-        _check_token(None, cached.expires_at, now)
-    if _needs_touch(cached.last_used_at, now):
-        conn = await reads.connection()
-        await conn.execute(_TOUCH_SQL, cached.token_id, now)
-        cached.last_used_at = now
-    return cached.principal
 
 
 async def create_token(

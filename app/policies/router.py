@@ -5,10 +5,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.auth.deps import CurrentPrincipal, CurrentUser
+from app.auth.deps import CurrentUser
 from app.backups import service as backups
 from app.backups.schemas import BackupRead, StatusFilter, TypeFilter
-from app.deps import ReadsDep, SessionDep
+from app.deps import SessionDep
 from app.instances.schemas import InstanceBrief
 from app.policies import preview, service
 from app.policies.schemas import (
@@ -36,13 +36,13 @@ router = APIRouter(
     response_model=Page[PolicyRead],
 )
 async def list_all(
-    reads: ReadsDep,
-    user: CurrentPrincipal,
+    session: SessionDep,
+    user: CurrentUser,
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[PolicyStatus | None, Query()] = None,
 ) -> Response:
-    body = await service.list_policies_json(reads, user, owner_id, status, page)
+    body = await service.list_policies_json(session, user, owner_id, status, page)
     return Response(body, media_type="application/json")
 
 

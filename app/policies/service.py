@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Hashable
-from contextlib import nullcontext
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from pydantic_core import to_json
-from sqlalchemy import Select, Uuid, func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.service import Principal
-from app.cache import Tag
-from app.deps import Reads
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.models import BackupPolicy, Instance, User
-from app.policies.schemas import PolicyCreate, PolicyRead, PolicyUpdate
+from app.policies.schemas import PolicyCreate, PolicyRead, PolicySchedule, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
 from app.schemas import PageParams
-from app.values import PolicyStatus
+from app.values import Frequency, PolicyStatus, Weekday
+
+Ts = TypeVarTuple("Ts")
 
 ALREADY_ATTACHED = "Instance is already attached to another backup policy"
 
@@ -34,164 +32,123 @@ def plan_next_run(policy: BackupPolicy, zone: str, after: datetime | None = None
     policy.next_run_at = next_run_at(policy.schedule, zone, after or _now())
 
 
+_policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
 _instance_count = (
     select(func.count())
-    .where(Instance.backup_policy_id == BackupPolicy.id)
-    .correlate(BackupPolicy)
+    .where(_instances.c.backup_policy_id == _policies.c.id)
+    .correlate(_policies)
     .scalar_subquery()
+    .label("instance_count")
 )
 
 
-def readable_policies(user: User) -> Select[BackupPolicy, str, int]:
-    """Every policy query goes through here: a policy, its owner's zone and instance count."""
-    stmt = select(BackupPolicy, User.timezone, _instance_count).join(
-        User, User.id == BackupPolicy.owner_id
-    )
-    if not user.is_admin:
-        stmt = stmt.where(BackupPolicy.owner_id == user.id)
-    return stmt
+def readable_policies(user: User, stmt: Select[*Ts]) -> Select[*Ts]:
+    """Every policy query goes through here: admins read all policies, users their own."""
+    return stmt if user.is_admin else stmt.where(_policies.c.owner_id == user.id)
 
 
-# Ids come back as text: JSON wants text, and pydantic-core serializes str far faster than
-# asyncpg's own UUID type.
-_POLICY_COLUMNS = ", ".join(
-    f"p.{c.name}::text AS {c.name}" if isinstance(c.type, Uuid) else f"p.{c.name}"
-    for c in BackupPolicy.__table__.c
+# A policy, its owner's zone and its instance count: what a single read or an edit loads.
+_POLICY_ROWS = select(BackupPolicy, User.timezone, _instance_count).join(
+    User, User.id == BackupPolicy.owner_id
 )
-
-
-def _where(columns: tuple[str, ...], first: int) -> str:
-    if not columns:
-        return ""
-    return "WHERE " + " AND ".join(f"p.{c} = ${first + i}" for i, c in enumerate(columns))
-
-
-@lru_cache(maxsize=16)
-def _page_sql(own: bool, by_owner: bool, by_status: bool) -> tuple[str, str]:
-    """The page ($1 limit, $2 offset, then the filters) and the count (the filters only).
-
-    One statement text per combination of filters (not `$n IS NULL OR ...`), so PostgreSQL's
-    cached plan for each can use the owner index.
-    """
-    used = (("owner_id", own), ("owner_id", by_owner), ("status", by_status))
-    columns = tuple(column for column, on in used if on)
-    count = "SELECT count(*) FROM backup_policies p "
-    page = f"""
-SELECT {_POLICY_COLUMNS}, u.timezone,
-       (SELECT count(*) FROM instances i WHERE i.backup_policy_id = p.id) AS instance_count,
-       ({count}{_where(columns, 3)}) AS total
-FROM backup_policies p JOIN users u ON u.id = p.owner_id
-{_where(columns, 3)}
-ORDER BY p.created_at DESC, p.id DESC
-LIMIT $1 OFFSET $2"""
-    return page, count + _where(columns, 1)
 
 
 @lru_cache(maxsize=1024)
 def _summary(frequency: str, hour: int, day_of_week: str | None) -> str:
     """Cached: a few hundred combinations exist at most."""
-    schedule = Schedule(frequency=frequency, hour=hour, day_of_week=day_of_week)  # type: ignore[arg-type]
-    return schedule_summary(schedule)
+    weekday = Weekday(day_of_week) if day_of_week is not None else None
+    return schedule_summary(Schedule(Frequency(frequency), hour, weekday))
 
 
-def _read_fields(get: Callable[[str], Any]) -> dict[str, Any]:
-    """PolicyRead's fields, from any source of the columns plus timezone and instance_count."""
-    frequency, hour, day_of_week = get("frequency"), get("hour"), get("day_of_week")
+def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
+    """PolicyRead's fields, from the policy's columns plus timezone and instance_count.
+
+    Ids as text: pydantic-core infers asyncpg's own UUID type about 3x slower than it
+    serializes a str, which costs more than the conversion."""
+    frequency, hour, day_of_week = row["frequency"], row["hour"], row["day_of_week"]
     return {
-        "id": get("id"),
-        "owner_id": get("owner_id"),
-        "name": get("name"),
-        "status": get("status"),
+        "id": str(row["id"]),
+        "owner_id": str(row["owner_id"]),
+        "name": row["name"],
+        "status": row["status"],
         "schedule": {"frequency": frequency, "hour": hour, "day_of_week": day_of_week},
         "schedule_summary": _summary(frequency, hour, day_of_week),
-        "timezone": get("timezone"),
-        "max_incremental_chain": get("max_incremental_chain"),
-        "retention_count": get("retention_count"),
-        "backup_device": get("backup_device"),
-        "instance_count": get("instance_count"),
-        "last_error": get("last_error"),
-        "last_error_at": get("last_error_at"),
-        "next_run_at": get("next_run_at"),
-        "skipped_runs": get("skipped_runs"),
-        "last_skip_reason": get("last_skip_reason"),
-        "created_at": get("created_at"),
-        "updated_at": get("updated_at"),
+        "timezone": row["timezone"],
+        "max_incremental_chain": row["max_incremental_chain"],
+        "retention_count": row["retention_count"],
+        "backup_device": row["backup_device"],
+        "instance_count": row["instance_count"],
+        "last_error": row["last_error"],
+        "last_error_at": row["last_error_at"],
+        "next_run_at": row["next_run_at"],
+        "skipped_runs": row["skipped_runs"],
+        "last_skip_reason": row["last_skip_reason"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
     }
 
 
+# What PolicyRead shows of a policy's own columns.
+_READ_COLUMNS = tuple(
+    c
+    for c in _policies.c
+    if c.key in PolicyRead.model_fields or c.key in PolicySchedule.model_fields
+)
+# The list's statements, built once and on the tables: SQLAlchemy skips its ORM steps for them.
+_LIST_ROWS = select(
+    *_READ_COLUMNS,
+    _users.c.timezone,
+    _instance_count,
+).join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
+_LIST_COUNT = select(func.count()).select_from(_policies)
+_NEWEST_FIRST = (_policies.c.created_at.desc(), _policies.c.id.desc())
+
+
 async def list_policies_json(
-    reads: Reads,
-    user: Principal,
+    session: AsyncSession,
+    user: User,
     owner_id: uuid.UUID | None,
     status: str | None,
     page: PageParams,
 ) -> bytes:
-    """The list page as JSON: from the read cache, else one prepared statement.
-
-    The busiest screen of the panel, so no ORM objects and no pydantic validation of values
-    PostgreSQL has already typed; each item carries exactly PolicyRead's fields (a test holds
-    every item equal to the single read). The total rides along as an uncorrelated subquery
-    that PostgreSQL computes once; an empty page (offset past the end) asks for it separately.
-    A user's pages are retired by their own list's changes, an admin's by everyone's, and both
-    by a change to a policy they show (app.cache).
-    """
-    own = not user.is_admin
-    key = (user.id if own else None, owner_id, status, page.limit, page.offset)
-    cache = reads.cache
-    if (cached := cache.page(key)) is not None:
-        return cached
-    if (flight := cache.flight(key)) is not None:  # being read: wait for it, then check it
-        await flight.wait()
-        if (cached := cache.page(key)) is not None:
-            return cached
-    tag = cache.tag(str(user.id) if own else None)
-    with cache.leading(key) if tag is not None else nullcontext():
-        return await _read_page(reads, tag, key, user, owner_id, status, page)
-
-
-async def _read_page(
-    reads: Reads,
-    tag: Tag | None,
-    key: Hashable,
-    user: Principal,
-    owner_id: uuid.UUID | None,
-    status: str | None,
-    page: PageParams,
-) -> bytes:
-    own = not user.is_admin
-    page_sql, count_sql = _page_sql(own, owner_id is not None, status is not None)
-    filters = [value for value in (user.id if own else None, owner_id, status) if value is not None]
-    conn = await reads.connection()
-    rows = await conn.fetch(page_sql, page.limit, page.offset, *filters)
-    total = rows[0]["total"] if rows else await conn.fetchval(count_sql, *filters)
-    body = to_json(
-        {
-            "items": [_read_fields(row.__getitem__) for row in rows],
-            "total": total,
-            "limit": page.limit,
-            "offset": page.offset,
-        }
+    """The page as Page[PolicyRead]'s JSON. The busiest screen of the panel, so plain columns
+    rather than ORM objects, the total in the same round trip (an uncorrelated subquery that
+    PostgreSQL computes once; an empty page, offset past the end, asks for it separately), and
+    one dump by pydantic-core without validating what PostgreSQL already typed (a test holds
+    every item equal to the single read)."""
+    filters = []
+    if owner_id is not None:
+        filters.append(_policies.c.owner_id == owner_id)
+    if status is not None:
+        filters.append(_policies.c.status == status)
+    count = readable_policies(user, _LIST_COUNT).where(*filters)
+    stmt = (
+        readable_policies(user, _LIST_ROWS)
+        .where(*filters)
+        .add_columns(count.correlate(None).scalar_subquery().label("total"))
+        .order_by(*_NEWEST_FIRST)
+        .limit(page.limit)
+        .offset(page.offset)
     )
-    if tag is not None:
-        reads.cache.keep_page(key, tag, tuple(row["id"] for row in rows), body)
-    return body
+    rows = (await session.execute(stmt)).all()
+    total = rows[0].total if rows else await session.scalar(count)
+    items = [_read_fields(row._mapping) for row in rows]
+    return to_json({"items": items, "total": total, "limit": page.limit, "offset": page.offset})
 
 
 def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
-    return PolicyRead(**read_values(policy, zone, instance_count))
-
-
-def read_values(policy: BackupPolicy, zone: str, instance_count: int) -> dict[str, Any]:
-    """A policy's read fields from its ORM object, its owner's zone and its instance count."""
-    extra = {"timezone": zone, "instance_count": instance_count}
-    return _read_fields(lambda key: extra[key] if key in extra else getattr(policy, key))
+    values = {c.key: getattr(policy, c.key) for c in _READ_COLUMNS}
+    values |= {"timezone": zone, "instance_count": instance_count}
+    return PolicyRead(**_read_fields(values))
 
 
 async def get_policy_row(
     session: AsyncSession, user: User, policy_id: uuid.UUID
 ) -> tuple[BackupPolicy, str, int]:
     row = (
-        await session.execute(readable_policies(user).where(BackupPolicy.id == policy_id))
+        await session.execute(
+            readable_policies(user, _POLICY_ROWS).where(BackupPolicy.id == policy_id)
+        )
     ).first()
     if row is None:
         raise NotFound("Backup policy not found")

@@ -124,7 +124,7 @@ async def test_unknown_fields_are_422_not_silently_ignored(
     assert me.json()["role"] == "user"
 
 
-async def test_an_unreachable_database_is_a_503_problem_for_both_read_paths(
+async def test_an_unreachable_database_is_a_503_problem(
     settings: Settings,
 ) -> None:
     with socket.socket() as s:  # a port nobody listens on
@@ -140,7 +140,7 @@ async def test_an_unreachable_database_is_a_503_problem_for_both_read_paths(
         app.router.lifespan_context(app),  # starts without the database: it connects lazily
         httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as client,
     ):
-        for path in ("/backup-policies", "/instances", "/me"):  # read pool, then sessions
+        for path in ("/backup-policies", "/instances", "/me"):
             response = await client.get(path, headers=headers)
             assert_problem(response, 503)
             assert response.headers["retry-after"] == "5"
