@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.schemas import ApiTokenCreate
@@ -60,13 +60,17 @@ def _token_row(
     )
 
 
-_TOKEN_USER = select(ApiToken, User).join(User, User.id == ApiToken.user_id)  # built once
+# Built once, the digest a bound parameter: SQLAlchemy reuses its compiled form.
+_TOKEN_USER = (
+    select(ApiToken, User)
+    .join(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_hash == bindparam("digest"))
+)
 
 
 async def authenticate(session: AsyncSession, token: str) -> User:
     """The token's user, read from the database on every request (revocation is seen at once)."""
-    stmt = _TOKEN_USER.where(ApiToken.token_hash == token_digest(token))
-    row = (await session.execute(stmt)).first()
+    row = (await session.execute(_TOKEN_USER, {"digest": token_digest(token)})).first()
     now = _now()
     if row is None:
         raise Unauthorized("Invalid token")

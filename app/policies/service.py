@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypeVarTuple
 
 from pydantic_core import to_json
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
@@ -42,7 +43,15 @@ _instance_count = (
 )
 
 
-def readable_policies(user: User, stmt: Select[*Ts]) -> Select[*Ts]:
+@dataclass(frozen=True)
+class _Reader:
+    """A user as a statement parameter: `id` is a bound parameter, not a value."""
+
+    id: Any
+    is_admin: bool = False
+
+
+def readable_policies(user: User | _Reader, stmt: Select[*Ts]) -> Select[*Ts]:
     """Every policy query goes through here: admins read all policies, users their own."""
     return stmt if user.is_admin else stmt.where(_policies.c.owner_id == user.id)
 
@@ -94,14 +103,38 @@ _READ_COLUMNS = tuple(
     for c in _policies.c
     if c.key in PolicyRead.model_fields or c.key in PolicySchedule.model_fields
 )
-# The list's statements, built once and on the tables: SQLAlchemy skips its ORM steps for them.
-_LIST_ROWS = select(
-    *_READ_COLUMNS,
-    _users.c.timezone,
-    _instance_count,
-).join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
-_LIST_COUNT = select(func.count()).select_from(_policies)
 _NEWEST_FIRST = (_policies.c.created_at.desc(), _policies.c.id.desc())
+# The list's shapes are built once per role and filters, the reader and the filters as bound
+# parameters: SQLAlchemy then reuses their compiled form instead of walking a new statement on
+# every request.
+_READER = _Reader(bindparam("reader_id"))
+
+
+@lru_cache(maxsize=16)
+def _list_statements(admin: bool, by_owner: bool, by_status: bool) -> tuple[Select[Any], ...]:
+    """The page (with its total) and the total alone, for one combination of role and filters.
+    Only the columns PolicyRead shows, on the tables: SQLAlchemy skips its ORM steps."""
+    reader = None if admin else _READER
+    filters = []
+    if by_owner:
+        filters.append(_policies.c.owner_id == bindparam("owner_id"))
+    if by_status:
+        filters.append(_policies.c.status == bindparam("status"))
+    count = _scoped(reader, select(func.count()).select_from(_policies)).where(*filters)
+    rows = (
+        _scoped(reader, select(*_READ_COLUMNS, _users.c.timezone, _instance_count))
+        .join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
+        .where(*filters)
+        .add_columns(count.scalar_subquery().label("total"))
+        .order_by(*_NEWEST_FIRST)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    return rows, count
+
+
+def _scoped(reader: _Reader | None, stmt: Select[*Ts]) -> Select[*Ts]:
+    return stmt if reader is None else readable_policies(reader, stmt)
 
 
 async def list_policies_json(
@@ -116,23 +149,21 @@ async def list_policies_json(
     PostgreSQL computes once; an empty page, offset past the end, asks for it separately), and
     one dump by pydantic-core without validating what PostgreSQL already typed (a test holds
     every item equal to the single read)."""
-    filters = []
-    if owner_id is not None:
-        filters.append(_policies.c.owner_id == owner_id)
-    if status is not None:
-        filters.append(_policies.c.status == status)
-    count = readable_policies(user, _LIST_COUNT).where(*filters)
-    stmt = (
-        readable_policies(user, _LIST_ROWS)
-        .where(*filters)
-        .add_columns(count.correlate(None).scalar_subquery().label("total"))
-        .order_by(*_NEWEST_FIRST)
-        .limit(page.limit)
-        .offset(page.offset)
+    rows_stmt, count_stmt = _list_statements(
+        user.is_admin, owner_id is not None, status is not None
     )
-    rows = (await session.execute(stmt)).all()
-    total = rows[0].total if rows else await session.scalar(count)
-    items = [_read_fields(row._mapping) for row in rows]
+    params = {
+        "reader_id": user.id,
+        "owner_id": owner_id,
+        "status": status,
+        "limit": page.limit,
+        "offset": page.offset,
+    }
+    result = await session.execute(rows_stmt, params)
+    keys = tuple(result.keys())
+    rows = [dict(zip(keys, row, strict=True)) for row in result]
+    total = rows[0]["total"] if rows else await session.scalar(count_stmt, params)
+    items = [_read_fields(row) for row in rows]
     return to_json({"items": items, "total": total, "limit": page.limit, "offset": page.offset})
 
 
