@@ -150,6 +150,7 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
                 await worker.close()  # cancels running jobs: they record the interruption
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
+            await _dispose(worker)
             return
         error = running.exception()
         if error is None:
@@ -166,14 +167,23 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
         )
         if jobs and not await _until_done_or_stopped(jobs, stop):
             await asyncio.gather(*jobs, return_exceptions=True)
+            await _dispose(worker)
             return
         with contextlib.suppress(Exception):  # best effort: its connections are already dead
             await worker.close()
+        await _dispose(worker)
         if loop.time() - started > RECONNECT_MAX_S:
             delay = RECONNECT_FIRST_S  # it had been serving: a new outage starts the backoff
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         delay = min(delay * 2, RECONNECT_MAX_S)
+
+
+async def _dispose(worker: Worker) -> None:
+    """The worker's Resources, when its shutdown hook did not run (arq's close() stops at its
+    first Redis call during an outage): its database pool must not outlive it."""
+    if (res := worker.ctx.pop(RESOURCES, None)) is not None:
+        await res.close()
 
 
 async def _until_done_or_stopped(jobs: list[asyncio.Task[Any]], stop: asyncio.Event) -> bool:

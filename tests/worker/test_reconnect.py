@@ -13,6 +13,7 @@ import pytest
 from arq import Worker, func
 from arq.connections import RedisSettings, create_pool
 
+from worker.jobs import RESOURCES
 from worker.main import _serve
 
 QUEUE = "ibp:test:reconnect"
@@ -102,6 +103,16 @@ async def test_a_redis_restart_lets_running_jobs_finish_then_serves_again(
         done.append(label)
 
     settings = RedisSettings(port=redis_server.port, conn_retries=0)
+    opened: list[Resources] = []
+    disposed: list[Resources] = []
+
+    class Resources:  # stands in for worker.jobs.Resources: only its disposal is watched here
+        async def close(self) -> None:
+            disposed.append(self)
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        opened.append(Resources())
+        ctx[RESOURCES] = opened[-1]
 
     def make() -> Worker:
         return Worker(
@@ -110,6 +121,7 @@ async def test_a_redis_restart_lets_running_jobs_finish_then_serves_again(
             redis_settings=settings,
             poll_delay=0.05,
             handle_signals=False,
+            on_startup=on_startup,
         )
 
     stop = asyncio.Event()
@@ -125,6 +137,9 @@ async def test_a_redis_restart_lets_running_jobs_finish_then_serves_again(
         await _enqueue(settings, "quick", "after restart")
         await _until(lambda: "after restart" in done)
         assert not serving.done()
+        # The worker that lost Redis could not run its shutdown hook; its pool went anyway.
+        assert len(opened) == 2 and disposed == opened[:1]
     finally:
         stop.set()
         await asyncio.wait_for(serving, 30)
+    assert disposed == opened
