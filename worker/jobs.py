@@ -117,8 +117,8 @@ class Job(Generic[W]):
         if not await self.claim(res, rid, ctx.get("job_try", 1)):
             return "not pending"
         progress = Progress()
-        heartbeat = asyncio.create_task(
-            self._keep_alive(res, rid, progress) if self.heartbeat else asyncio.sleep(0)
+        heartbeat = (
+            asyncio.create_task(self._keep_alive(res, rid, progress)) if self.heartbeat else None
         )
         work: W | None = None
         try:
@@ -135,9 +135,10 @@ class Job(Generic[W]):
                 raise  # cancelled: arq must see it
             return f"failed: {message}"
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
             if work is not None:
                 await self.cleanup(work)
 
@@ -206,10 +207,11 @@ class Job(Generic[W]):
 
     async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
         """The instance is busy with `work`: fail the row, saying so."""
-        await self.fail(session, row_id, f"{work}; try again when it has finished")
+        raise NotImplementedError
 
     async def recover(self, session: AsyncSession, row: Any) -> None:
         """Remove what a dead worker left of this job (libvirt jobs, work files)."""
+        raise NotImplementedError
 
     async def load(self, session: AsyncSession, row_id: uuid.UUID) -> W:
         raise NotImplementedError

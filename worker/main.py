@@ -55,11 +55,7 @@ def _hooks(settings: Settings) -> dict[str, Any]:
     async def on_startup(ctx: JobContext) -> None:
         ctx[RESOURCES] = Resources.open(settings, ctx.get("redis"))
 
-    async def on_shutdown(ctx: JobContext) -> None:
-        if (res := ctx.pop(RESOURCES, None)) is not None:
-            await res.close()
-
-    return {"on_startup": on_startup, "on_shutdown": on_shutdown}
+    return {"on_startup": on_startup, "on_shutdown": _dispose}
 
 
 def _workers(
@@ -150,7 +146,7 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
                 await worker.close()  # cancels running jobs: they record the interruption
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
-            await _dispose(worker)
+            await _dispose(worker.ctx)
             return
         error = running.exception()
         if error is None:
@@ -167,11 +163,11 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
         )
         if jobs and not await _until_done_or_stopped(jobs, stop):
             await asyncio.gather(*jobs, return_exceptions=True)
-            await _dispose(worker)
+            await _dispose(worker.ctx)
             return
         with contextlib.suppress(Exception):  # best effort: its connections are already dead
             await worker.close()
-        await _dispose(worker)
+        await _dispose(worker.ctx)
         if loop.time() - started > RECONNECT_MAX_S:
             delay = RECONNECT_FIRST_S  # it had been serving: a new outage starts the backoff
         with contextlib.suppress(TimeoutError):
@@ -179,10 +175,10 @@ async def _serve(make: Callable[[], Worker], stop: asyncio.Event) -> None:
         delay = min(delay * 2, RECONNECT_MAX_S)
 
 
-async def _dispose(worker: Worker) -> None:
-    """The worker's Resources, when its shutdown hook did not run (arq's close() stops at its
-    first Redis call during an outage): its database pool must not outlive it."""
-    if (res := worker.ctx.pop(RESOURCES, None)) is not None:
+async def _dispose(ctx: JobContext) -> None:
+    """A worker's Resources go with it: arq's shutdown hook, and _serve once the worker is done
+    (during a Redis outage arq's close() stops at its first Redis call, before the hook)."""
+    if (res := ctx.pop(RESOURCES, None)) is not None:
         await res.close()
 
 

@@ -53,9 +53,10 @@ async def record_completion(
 ) -> Backup:
     """A backup's files are stored: the catalog says so (its chain, files and outcome), then
     retention runs and the policy's status follows. `disks`: target and size of each disk."""
+    backup = await session.get(Backup, backup_id)
+    assert backup is not None
+    converted = backup.type != decision.type
     if decision.type == BackupType.FULL:
-        backup = await session.get(Backup, backup_id)
-        assert backup is not None
         session.add(
             BackupChain(
                 id=decision.chain_id,
@@ -80,8 +81,6 @@ async def record_completion(
                 created_at=completed_at,
             )
         )
-    planned = await session.scalar(select(Backup.type).where(Backup.id == backup_id))
-    converted = planned != decision.type
     values: dict[str, Any] = {
         "status": BackupStatus.COMPLETED,
         "type": decision.type,

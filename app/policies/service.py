@@ -48,7 +48,7 @@ class _Reader:
     """A user as a statement parameter: `id` is a bound parameter, not a value."""
 
     id: Any
-    is_admin: bool = False
+    is_admin: bool
 
 
 def readable_policies(user: User | _Reader, stmt: Select[*Ts]) -> Select[*Ts]:
@@ -104,25 +104,24 @@ _READ_COLUMNS = tuple(
     if c.key in PolicyRead.model_fields or c.key in PolicySchedule.model_fields
 )
 _NEWEST_FIRST = (_policies.c.created_at.desc(), _policies.c.id.desc())
+
+
 # The list's shapes are built once per role and filters, the reader and the filters as bound
 # parameters: SQLAlchemy then reuses their compiled form instead of walking a new statement on
 # every request.
-_READER = _Reader(bindparam("reader_id"))
-
-
 @lru_cache(maxsize=16)
 def _list_statements(admin: bool, by_owner: bool, by_status: bool) -> tuple[Select[Any], ...]:
     """The page (with its total) and the total alone, for one combination of role and filters.
     Only the columns PolicyRead shows, on the tables: SQLAlchemy skips its ORM steps."""
-    reader = None if admin else _READER
+    reader = _Reader(bindparam("reader_id"), admin)
     filters = []
     if by_owner:
         filters.append(_policies.c.owner_id == bindparam("owner_id"))
     if by_status:
         filters.append(_policies.c.status == bindparam("status"))
-    count = _scoped(reader, select(func.count()).select_from(_policies)).where(*filters)
+    count = readable_policies(reader, select(func.count()).select_from(_policies)).where(*filters)
     rows = (
-        _scoped(reader, select(*_READ_COLUMNS, _users.c.timezone, _instance_count))
+        readable_policies(reader, select(*_READ_COLUMNS, _users.c.timezone, _instance_count))
         .join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
         .where(*filters)
         .add_columns(count.scalar_subquery().label("total"))
@@ -131,10 +130,6 @@ def _list_statements(admin: bool, by_owner: bool, by_status: bool) -> tuple[Sele
         .offset(bindparam("offset"))
     )
     return rows, count
-
-
-def _scoped(reader: _Reader | None, stmt: Select[*Ts]) -> Select[*Ts]:
-    return stmt if reader is None else readable_policies(reader, stmt)
 
 
 async def list_policies_json(

@@ -42,7 +42,6 @@ class Work:
     instance: Instance
     hypervisor: Hypervisor
     chain: Chain
-    progress: Progress
 
 
 class BackupJob(Job[Work]):
@@ -83,11 +82,10 @@ class BackupJob(Job[Work]):
         hypervisor = await session.get(Hypervisor, instance.hypervisor_id)
         assert hypervisor is not None
         chain = (await chain_states(session, [instance.id]))[instance.id]
-        return Work(backup, instance, hypervisor, chain, Progress())
+        return Work(backup, instance, hypervisor, chain)
 
     async def execute(self, res: Resources, work: Work, progress: Progress) -> str:
-        work.progress = progress
-        return await _execute(res, work)
+        return await _execute(res, work, progress)
 
 
 run_backup = BackupJob().run
@@ -102,7 +100,7 @@ def disk_set(disks: list[virt.DiskInfo]) -> list[dict[str, object]]:
     return [{"target": d.target, "size_bytes": d.size_bytes} for d in disks]
 
 
-async def _execute(res: Resources, work: Work) -> str:
+async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     backup, instance, hv = work.backup, work.instance, work.hypervisor
     uri, domain = hv.libvirt_uri, instance.domain_name
     if hv.backup_storage_id is None:
@@ -131,9 +129,9 @@ async def _execute(res: Resources, work: Work) -> str:
         driver = await open_driver(session, hv.backup_storage_id)
     try:
         await _guard_free_space(driver, disks, decision)
-        files = await _take(work, uri, domain, disks, scratch, checkpoint, decision)
+        files = await _take(uri, domain, disks, scratch, checkpoint, decision, progress)
         try:
-            stored = await _store(work, driver, files, decision, checkpoint)
+            stored = await _store(work, driver, files, decision, checkpoint, progress)
         except BaseException:
             with contextlib.suppress(virt.VirtError):
                 await asyncio.to_thread(virt.delete_checkpoint, uri, domain, checkpoint)
@@ -180,21 +178,21 @@ async def _guard_free_space(
 
 
 async def _take(
-    work: Work,
     uri: str,
     domain: str,
     disks: list[virt.DiskInfo],
     scratch: Path,
     checkpoint: str,
     decision: Decision,
+    progress: Progress,
 ) -> list[virt.ScratchFile]:
-    def progress(done: int, total: int) -> None:
+    def report(done: int, total: int) -> None:
         if total:
-            work.progress.percent = int(80 * done / total)
+            progress.percent = int(80 * done / total)
 
     targets = [d.target for d in disks]
     try:
-        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)
+        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, report)
     except virt.CheckpointBroken as exc:
         if decision.type != BackupType.INCREMENTAL:
             raise
@@ -203,7 +201,7 @@ async def _take(
         decision.type, decision.parent_id, decision.incremental_from = BackupType.FULL, None, None
         decision.chain_id = uuid.uuid4()
         decision.reset_reason = str(exc)
-        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, progress)
+        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, report)
 
 
 async def _run_cancellable(
@@ -241,6 +239,7 @@ async def _store(
     files: list[virt.ScratchFile],
     decision: Decision,
     checkpoint: str,
+    progress: Progress,
 ) -> list[StoredFile]:
     backup = work.backup
     prefix = backup_prefix(backup.instance_id, decision.chain_id, backup.id)
@@ -255,7 +254,7 @@ async def _store(
             key = f"{prefix}/{f.target}.qcow2"
             result = await driver.put_file(key, f.path)
             stored.append(StoredFile(f.target, key, result.size, result.sha256))
-            work.progress.percent = 80 + int(20 * len(stored) / len(files))
+            progress.percent = 80 + int(20 * len(stored) / len(files))
         manifest = {
             "format": "ibp-backup-manifest/1",
             "backup_id": str(backup.id),
