@@ -27,7 +27,7 @@ from app.config import Settings
 from app.db import build_engine, build_sessionmaker
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
-from app.engine.lifecycle import TakenOver
+from app.engine.lifecycle import NotRecorded
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
@@ -87,13 +87,13 @@ def describe(exc: BaseException) -> str:
         return f"Backup storage is unreachable: {exc}"
     if isinstance(exc, StorageError):
         return f"Backup storage error: {exc}"
-    if isinstance(exc, virt.VirtError | JobFailed | ChainError | TakenOver):
+    if isinstance(exc, virt.VirtError | JobFailed | ChainError | NotRecorded):
         return str(exc)
     return f"Unexpected error ({type(exc).__name__}): {exc}"
 
 
 # Failures of the outside world, described without a traceback in the log.
-EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, TakenOver)
+EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, NotRecorded)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.schemas import BackupRead
@@ -12,7 +13,7 @@ from app.backups.service import read_backup
 from app.engine.chains import busy, chain_states
 from app.errors import Conflict
 from app.instances.service import get_instance
-from app.models import Backup, BackupPolicy, User
+from app.models import Backup, BackupPolicy, Hypervisor, User
 from app.queues import JobQueue, enqueue_backup
 from app.scheduling import plan_now
 from app.values import BackupDevice, BackupStatus, BackupType, InstanceStatus
@@ -33,7 +34,11 @@ async def backup_now(
         else None
     )
     device = policy.backup_device if policy is not None else BackupDevice.PRIMARY
-    state = (await chain_states(session, [instance.id]))[instance.id].planning_state(device)
+    storage_id = await session.scalar(
+        select(Hypervisor.backup_storage_id).where(Hypervisor.id == instance.hypervisor_id)
+    )
+    chain = (await chain_states(session, [instance.id]))[instance.id]
+    state = chain.planning_state(device, storage_id)
     now = datetime.now(UTC)
     plan = plan_now(policy.max_incremental_chain if policy else None, state, force_full)
     backup = Backup(

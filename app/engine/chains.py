@@ -119,6 +119,7 @@ async def chain_states(
             tip_checkpoint=tip_checkpoint,
             backup_device=found.backup_device if found else None,
             disks=tuple(found.disks) if found else (),
+            storage_id=found.storage_id if found else None,
             busy=is_busy,
         )
     return result

@@ -36,8 +36,17 @@ class StoredFile:
     sha256: str
 
 
-class TakenOver(Exception):
+class NotRecorded(Exception):
+    """A backup's files are stored but the catalog cannot take it as completed; the job
+    removes the files (nothing would ever delete them) and fails the backup."""
+
+
+class TakenOver(NotRecorded):
     """The backup was no longer in progress when its completion was recorded."""
+
+
+class ChainUnreachable(NotRecorded):
+    """An incremental whose parent a restore could not reach from where it was written."""
 
 
 async def record_completion(
@@ -55,6 +64,8 @@ async def record_completion(
     retention runs and the policy's status follows. `disks`: target and size of each disk."""
     backup = await session.get(Backup, backup_id)
     assert backup is not None
+    if decision.type == BackupType.INCREMENTAL:
+        await _require_parent(session, decision, storage_id)
     converted = backup.type != decision.type
     if decision.type == BackupType.FULL:
         session.add(
@@ -113,6 +124,26 @@ async def record_completion(
             await apply_retention(session, done.instance_id, retention, decision.chain_id, jobs)
     await record_success(session, done)
     return done
+
+
+async def _require_parent(
+    session: AsyncSession, decision: Decision, storage_id: uuid.UUID | None
+) -> None:
+    """No completed incremental whose chain cannot be restored from where it says."""
+    chain_storage = await session.scalar(
+        select(BackupChain.storage_id).where(BackupChain.id == decision.chain_id)
+    )
+    if chain_storage != storage_id:
+        raise ChainUnreachable(
+            "The hypervisor's backup storage changed during the backup, so the chain's earlier "
+            "backups are on another storage; the next run takes a full"
+        )
+    parent = await session.scalar(select(Backup.status).where(Backup.id == decision.parent_id))
+    if parent != BackupStatus.COMPLETED:
+        raise ChainUnreachable(
+            "The backup this incremental builds on is no longer available; the next run "
+            "takes a full"
+        )
 
 
 async def apply_retention(

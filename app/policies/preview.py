@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import chain_states
 from app.errors import Unprocessable
-from app.models import Instance, User
+from app.models import Hypervisor, Instance, User
 from app.policies.schemas import SchedulePreviewRun
 from app.policies.service import get_policy_row
 from app.scheduling import ChainState, next_run_at, plan_backup, resolve_zone
@@ -45,7 +45,12 @@ async def schedule_preview(
                 ],
             )
         chain = (await chain_states(session, [instance_id]))[instance_id]
-        state = chain.planning_state(policy.backup_device)
+        storage_id = await session.scalar(
+            select(Hypervisor.backup_storage_id)
+            .join(Instance, Instance.hypervisor_id == Hypervisor.id)
+            .where(Instance.id == instance_id)
+        )
+        state = chain.planning_state(policy.backup_device, storage_id)
     schedule, zone = policy.schedule, resolve_zone(zone_name)
     runs: list[SchedulePreviewRun] = []
     cursor = datetime.now(UTC)

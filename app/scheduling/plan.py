@@ -19,6 +19,8 @@ from app.scheduling.schedule import Schedule, is_full_day
 PlanKind = Literal["full", "incremental", "skip"]
 
 DEVICE_CHANGED = "backup device setting changed"
+# An incremental's parent must be on the storage it is written to, or it cannot be restored.
+STORAGE_CHANGED = "the hypervisor's backup storage changed"
 RESTORED = "instance was restored from a backup"
 FULL_FAILED = "previous full backup failed"
 # Without a policy there is no chain length to respect: every manual backup is a full.
@@ -55,14 +57,20 @@ class Chain:
     tip_checkpoint: str | None = None
     backup_device: str | None = None
     disks: Sequence[Mapping[str, object]] = field(default_factory=tuple)  # target, size_bytes
+    storage_id: uuid.UUID | None = None  # where the chain's files are
     busy: bool = False  # a backup or a restore of the instance is queued or running
 
-    def planning_state(self, backup_device: str) -> ChainState | None:
-        """The state to plan a backup of `backup_device` with: a chain of other disks cannot
-        take an incremental."""
+    def planning_state(self, backup_device: str, storage_id: uuid.UUID | None) -> ChainState | None:
+        """The state to plan a backup of `backup_device` to `storage_id` (the hypervisor's
+        storage now) with: a chain of other disks, or on another storage, cannot take an
+        incremental."""
         state = self.state
-        if state is not None and state.base_usable and self.backup_device != backup_device:
+        if state is None or not state.base_usable:
+            return state
+        if self.backup_device != backup_device:
             return ChainState(state.incrementals, False, DEVICE_CHANGED)
+        if storage_id is not None and self.storage_id != storage_id:
+            return ChainState(state.incrementals, False, STORAGE_CHANGED)
         return state
 
 
@@ -155,18 +163,23 @@ class Decision:
 
 
 def why_not_incremental(
-    chain: Chain, backup_device: str, disks: Mapping[str, int], checkpoints: Sequence[str]
+    chain: Chain,
+    backup_device: str,
+    storage_id: uuid.UUID | None,
+    disks: Mapping[str, int],
+    checkpoints: Sequence[str],
 ) -> str | None:
     """Why the chain cannot take an incremental now, or None when it can.
 
-    `disks`: target -> virtual size of the disks to back up now; `checkpoints`: the domain's.
+    `storage_id`: where this backup goes; `disks`: target -> virtual size of the disks to back
+    up now; `checkpoints`: the domain's.
     """
     if chain.state is None or chain.chain_id is None or chain.tip_id is None:
         return "no completed full backup to build on"
-    if not chain.state.base_usable:
-        return chain.state.reset_reason or "no usable full backup to build on"
-    if chain.backup_device != backup_device:
-        return DEVICE_CHANGED
+    state = chain.planning_state(backup_device, storage_id)
+    assert state is not None
+    if not state.base_usable:
+        return state.reset_reason or "no usable full backup to build on"
     before = {str(d["target"]): d["size_bytes"] for d in chain.disks}
     for target in sorted(disks.keys() - before.keys()):
         return f"disk {target} was added"
@@ -187,6 +200,7 @@ def decide(
     planned_reset_reason: str | None,
     chain: Chain,
     backup_device: str,
+    storage_id: uuid.UUID | None,
     disks: Mapping[str, int],
     checkpoints: Sequence[str],
     new_chain_id: uuid.UUID,
@@ -194,7 +208,7 @@ def decide(
     """The job's last check: a planned incremental the chain can no longer take becomes a full
     of a new chain (`new_chain_id`), with the reason recorded."""
     if planned == "incremental":
-        reason = why_not_incremental(chain, backup_device, disks, checkpoints)
+        reason = why_not_incremental(chain, backup_device, storage_id, disks, checkpoints)
         if reason is None:
             assert chain.chain_id is not None
             return Decision("incremental", chain.tip_id, chain.chain_id, chain.tip_checkpoint, None)

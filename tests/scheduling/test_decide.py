@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 
-from app.scheduling import Chain, ChainState, Decision, decide
+from app.scheduling import STORAGE_CHANGED, Chain, ChainState, Decision, decide
 
 CHAIN = uuid.uuid4()
+STORAGE = uuid.uuid4()
 TIP = uuid.uuid4()
 VDA = ("vda", 64 << 20)
 VDB = ("vdb", 32 << 20)
@@ -23,6 +24,7 @@ def _chain(**overrides: object) -> Chain:
         "tip_id": TIP,
         "tip_checkpoint": f"ibp-{TIP}",
         "backup_device": "all",
+        "storage_id": STORAGE,
         "disks": [
             {"target": "vda", "size_bytes": 64 << 20},
             {"target": "vdb", "size_bytes": 32 << 20},
@@ -37,10 +39,16 @@ NEW_CHAIN = uuid.uuid4()
 
 
 def _decide(
-    chain: Chain, disks: list[Disk], checkpoints: list[str], planned: str = "incremental"
+    chain: Chain,
+    disks: list[Disk],
+    checkpoints: list[str],
+    planned: str = "incremental",
+    storage: uuid.UUID = STORAGE,
 ) -> Decision:
     planned_reason = "previous full backup failed" if planned == "full" else None
-    return decide(planned, planned_reason, chain, "all", dict(disks), checkpoints, NEW_CHAIN)
+    return decide(
+        planned, planned_reason, chain, "all", storage, dict(disks), checkpoints, NEW_CHAIN
+    )
 
 
 def test_incremental_builds_on_the_chain_tip() -> None:
@@ -98,3 +106,10 @@ def test_a_broken_base_turns_the_incremental_into_a_full_with_the_reason(
 def test_a_planned_full_keeps_its_planned_reason() -> None:
     d = _decide(_chain(), [VDA, VDB], [f"ibp-{TIP}"], planned="full")
     assert d.type == "full" and d.reset_reason == "previous full backup failed"
+
+
+def test_a_chain_on_another_storage_takes_no_incremental() -> None:
+    """Its parent would stay on the old storage, where a restore from the new one cannot reach."""
+    d = _decide(_chain(), [VDA, VDB], [f"ibp-{TIP}"], storage=uuid.uuid4())
+    assert (d.type, d.parent_id, d.chain_id) == ("full", None, NEW_CHAIN)
+    assert d.reset_reason == STORAGE_CHANGED

@@ -1,5 +1,6 @@
 """Chain planning: examples for each rule and simulated sequences of slots."""
 
+import uuid
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 from app.scheduling import (
     DEVICE_CHANGED,
     NO_POLICY,
+    STORAGE_CHANGED,
     WEEKDAYS,
     Chain,
     ChainState,
@@ -235,6 +237,16 @@ def test_backup_now_without_a_policy_is_always_a_full() -> None:
 
 def test_a_chain_of_other_disks_plans_a_full() -> None:
     other = Chain(chain(1), backup_device="primary")
-    assert other.planning_state("all") == ChainState(1, False, DEVICE_CHANGED)
-    assert other.planning_state("primary") == chain(1)
-    assert plan_now(6, other.planning_state("all"), False) == Plan("full", DEVICE_CHANGED)
+    assert other.planning_state("all", None) == ChainState(1, False, DEVICE_CHANGED)
+    assert other.planning_state("primary", None) == chain(1)
+    assert plan_now(6, other.planning_state("all", None), False) == Plan("full", DEVICE_CHANGED)
+
+
+def test_a_chain_on_another_storage_plans_a_full() -> None:
+    here, elsewhere = uuid.uuid4(), uuid.uuid4()
+    moved = Chain(chain(1), backup_device="all", storage_id=here)
+    assert moved.planning_state("all", here) == chain(1)
+    assert moved.planning_state("all", elsewhere) == ChainState(1, False, STORAGE_CHANGED)
+    assert plan_now(6, moved.planning_state("all", elsewhere), False) == Plan(
+        "full", STORAGE_CHANGED
+    )

@@ -41,6 +41,7 @@ async def complete_pending(
                 backup.chain_reset_reason,
                 chain,
                 backup.backup_device,
+                chain.storage_id,
                 {},  # no disks: the chain's disk set stays the same (empty) one
                 checkpoints,
                 uuid.uuid4(),

@@ -16,7 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import virt
-from app.models import Backup, BackupFile, BackupPolicy
+from app.models import Backup, BackupChain, BackupFile, BackupPolicy, BackupStorage, Hypervisor
+from app.scheduling import STORAGE_CHANGED
 from tests.virt import vmkit
 from tests.virt.images import compare_images, job_running
 from tests.virt.vmkit import MiB
@@ -244,7 +245,7 @@ async def test_added_data_disk_starts_a_new_chain(
 def _job_running(vm: vmkit.VM) -> bool:
     try:
         return job_running(vm.uri, vm.name)
-    except virt.VirtError:  # "backup job data missing" while the job is being set up
+    except (virt.VirtError, libvirt.libvirtError):  # "backup job data missing" at its setup
         return True
 
 
@@ -333,3 +334,81 @@ async def test_a_second_backup_of_a_busy_instance_is_skipped_not_run_alongside(
         policy = await session.get(BackupPolicy, world.policy.id)
         assert policy is not None and policy.status == "active"
     assert not job_running(world.vm.uri, world.vm.name)
+
+
+async def _move_to_new_storage(maker: Maker, world: World, root: Path) -> uuid.UUID:
+    """What an administrator does: a new storage, and the hypervisor pointed at it."""
+    root.mkdir()
+    async with maker() as session:
+        storage = BackupStorage(
+            id=uuid.uuid4(),
+            name=f"moved-{uuid.uuid4().hex[:6]}",
+            kind="local",
+            config={"path": str(root)},
+            status="unknown",
+        )
+        session.add(storage)
+        await session.flush()
+        await session.execute(
+            update(Hypervisor)
+            .where(Hypervisor.id == world.hypervisor.id)
+            .values(backup_storage_id=storage.id)
+        )
+        await session.commit()
+    return storage.id
+
+
+async def test_a_new_storage_starts_a_new_chain_that_restores(
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
+) -> None:
+    maker = real_sessionmaker
+    full = await _run(worker_ctx, maker, world, "full")
+    assert full.status == "completed", full.error
+    moved = await _move_to_new_storage(maker, world, tmp_path / "moved")
+    nxt = await _run(worker_ctx, maker, world, "incremental")
+    assert nxt.status == "completed", nxt.error
+    assert (nxt.type, nxt.storage_id) == ("full", moved)
+    assert nxt.chain_reset_reason == STORAGE_CHANGED and nxt.chain_id != full.chain_id
+    # The new chain is whole on the new storage: its point rebuilds from there alone.
+    files = await _files(maker, nxt)
+    out = _restore(tmp_path / "moved", files["vda"].object_key, tmp_path / "vda.raw")
+    assert out.stat().st_size == 64 * MiB
+    after = await _run(worker_ctx, maker, world, "incremental")
+    assert (after.status, after.type, after.chain_id) == ("completed", "incremental", nxt.chain_id)
+
+
+async def test_an_incremental_whose_chain_moved_mid_backup_is_not_recorded(
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, tmp_path: Path
+) -> None:
+    """The catalog says the chain is elsewhere by the time the incremental is stored: its
+    parent could not be reached from where it was written, so it must not be marked
+    completed, and its files and checkpoint must not stay behind."""
+    vm, maker = world.vm, real_sessionmaker
+    full = await _run(worker_ctx, maker, world, "full")
+    assert full.status == "completed", full.error
+    elsewhere = await _move_to_new_storage(maker, world, tmp_path / "moved")
+    async with maker() as session:  # the hypervisor keeps its storage: only the chain "moves"
+        await session.execute(
+            update(Hypervisor)
+            .where(Hypervisor.id == world.hypervisor.id)
+            .values(backup_storage_id=world.storage.id)
+        )
+        await session.commit()
+    vmkit.write_pattern(vm.name, "vda", 0x5A, 0, 32 * MiB)
+    backup_id = await _pending(maker, world, "incremental")
+    job = asyncio.create_task(run_backup(worker_ctx, str(backup_id)))
+    while not _job_running(vm):
+        assert not job.done(), await job
+        await asyncio.sleep(0.01)
+    async with maker() as session:
+        await session.execute(
+            update(BackupChain).where(BackupChain.id == full.chain_id).values(storage_id=elsewhere)
+        )
+        await session.commit()
+    assert (await job).startswith("failed")
+    async with maker() as session:
+        nxt = await session.get(Backup, backup_id)
+        assert nxt is not None and nxt.status == "failed"
+        assert "storage changed" in (nxt.error or "")
+    assert not list(world.storage_dir.rglob(f"{backup_id}/*"))
+    assert f"ibp-{backup_id}" not in virt.list_checkpoints(vm.uri, vm.name)

@@ -118,6 +118,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         backup.chain_reset_reason,
         work.chain,
         backup.backup_device,
+        hv.backup_storage_id,
         {d.target: d.size_bytes for d in disks},
         checkpoints,
         uuid.uuid4(),
@@ -132,28 +133,33 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         files = await _take(uri, domain, disks, scratch, checkpoint, decision, progress)
         try:
             stored = await _store(work, driver, files, decision, checkpoint, progress)
-        except BaseException:
-            with contextlib.suppress(virt.VirtError):
-                await asyncio.to_thread(virt.delete_checkpoint, uri, domain, checkpoint)
-            raise
         finally:
             await asyncio.to_thread(_remove_scratch, scratch, checkpoint)
+        jobs = JobQueue()
+        try:
+            async with res.session() as session:
+                await record_completion(
+                    session,
+                    backup.id,
+                    decision,
+                    disk_set(disks),
+                    hv.backup_storage_id,
+                    checkpoint,
+                    stored,
+                    now(),
+                    jobs,
+                )
+        except BaseException:
+            # Not in the catalog: nothing would ever delete these files.
+            await _unstore(driver, _stored_keys(backup, decision, stored))
+            raise
+    except BaseException:
+        # The chain must not advance past a backup that does not exist.
+        with contextlib.suppress(virt.VirtError):
+            await asyncio.to_thread(virt.delete_checkpoint, uri, domain, checkpoint)
+        raise
     finally:
         await driver.close()
-
-    jobs = JobQueue()
-    async with res.session() as session:
-        await record_completion(
-            session,
-            backup.id,
-            decision,
-            disk_set(disks),
-            hv.backup_storage_id,
-            checkpoint,
-            stored,
-            now(),
-            jobs,
-        )
     await jobs.flush(res.redis)
     # Only the newest checkpoint is ever a parent: older bitmaps would slow the guest's writes.
     with contextlib.suppress(virt.VirtError):
@@ -275,11 +281,21 @@ async def _store(
         }
         await driver.put(f"{prefix}/manifest.json", _one(json.dumps(manifest, indent=2).encode()))
     except BaseException:
-        for key in [s.key for s in stored] + [f"{prefix}/manifest.json"]:
-            with contextlib.suppress(Exception):
-                await driver.delete(key)
+        await _unstore(driver, _stored_keys(backup, decision, stored))
         raise
     return stored
+
+
+def _stored_keys(backup: Backup, decision: Decision, stored: list[StoredFile]) -> list[str]:
+    prefix = backup_prefix(backup.instance_id, decision.chain_id, backup.id)
+    return [s.key for s in stored] + [f"{prefix}/manifest.json"]
+
+
+async def _unstore(driver: BackupStorageDriver, keys: list[str]) -> None:
+    """Best effort: what is left is found by the storage reconciliation."""
+    for key in keys:
+        with contextlib.suppress(Exception):
+            await driver.delete(key)
 
 
 async def _one(data: bytes) -> Any:

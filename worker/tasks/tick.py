@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.chains import chain_states
-from app.models import Backup, BackupPolicy, Instance, User
+from app.models import Backup, BackupPolicy, Hypervisor, Instance, User
 from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
     Chain,
@@ -89,6 +89,17 @@ async def _dispatch_batch(
         assert instance.backup_policy_id is not None
         by_policy[instance.backup_policy_id].append(instance)
     chains = await chain_states(session, [i.id for i in instances])
+    storage_of = dict(
+        (
+            await session.execute(
+                select(Hypervisor.id, Hypervisor.backup_storage_id).where(
+                    Hypervisor.id.in_({i.hypervisor_id for i in instances})
+                )
+            )
+        )
+        .tuples()
+        .all()
+    )
 
     new_backups: list[dict[str, object]] = []
     for policy, zone in policies.values():
@@ -107,7 +118,8 @@ async def _dispatch_batch(
         if runs_now:
             slot_date = slot_local_date(policy.schedule, zone, slot)
             for instance in by_policy[policy.id]:
-                row = _plan_instance(policy, instance, chains[instance.id], slot, slot_date, now)
+                chain, storage = chains[instance.id], storage_of[instance.hypervisor_id]
+                row = _plan_instance(policy, instance, chain, storage, slot, slot_date, now)
                 if row is not None:
                     new_backups.append(row)
                 elif instance.status == InstanceStatus.DEPLOYED:
@@ -147,6 +159,7 @@ def _plan_instance(
     policy: BackupPolicy,
     instance: Instance,
     chain: Chain,
+    storage_id: uuid.UUID | None,
     slot: datetime,
     slot_date: date,
     now: datetime,
@@ -174,7 +187,7 @@ def _plan_instance(
     if chain.busy:
         _skip(policy, f"{instance.name}: previous backup still running; this run was skipped", now)
         return None
-    state = chain.planning_state(policy.backup_device)
+    state = chain.planning_state(policy.backup_device, storage_id)
     plan = plan_backup(policy.schedule, policy.max_incremental_chain, state, slot_date)
     if plan.kind == "skip":
         return None
