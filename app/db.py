@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy.exc import IntegrityError
+import asyncpg.exceptions
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -12,6 +13,29 @@ from sqlalchemy.ext.asyncio import (
 
 from app.config import Settings
 from app.errors import Conflict
+
+# PostgreSQL cannot be reached (restarted, network, a connection killed, no free connection):
+# nothing wrong with the request or the job, and worth trying again shortly.
+DATABASE_UNREACHABLE: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """The one answer to "is this error PostgreSQL being away?" (the API's 503, the worker's
+    retries)."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        inner = exc.orig.__cause__ if exc.orig is not None else None
+        return inner is not None and database_unreachable(inner)
+    return isinstance(exc, DATABASE_UNREACHABLE)
 
 
 def build_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:

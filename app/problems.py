@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import DATABASE_UNREACHABLE, database_unreachable
 from app.errors import DomainError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -116,23 +117,11 @@ def _is_bad_data(exc: DBAPIError) -> bool:
 # A backing service cannot be reached (or takes no more connections): nothing the client did
 # wrong, and worth a retry.
 _UNREACHABLE = (
-    ConnectionError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
+    *DATABASE_UNREACHABLE,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
 )
 RETRY_AFTER_SECONDS = 5
-
-
-def _unreachable(exc: BaseException) -> bool:
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        inner = exc.orig.__cause__ if exc.orig is not None else None
-        return inner is not None and _unreachable(inner)
-    return isinstance(exc, _UNREACHABLE)
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
@@ -161,7 +150,7 @@ async def _unexpected(_: Request, __: Exception) -> JSONResponse:
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DBAPIError)
-    if _unreachable(exc):
+    if database_unreachable(exc):
         return await _unavailable(request, exc)
     if not _is_bad_data(exc):
         raise exc

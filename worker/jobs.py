@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import virt
 from app.config import Settings
-from app.db import build_engine, build_sessionmaker
+from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
@@ -34,7 +34,10 @@ from app.storage.base import StorageError, StorageFull, StorageUnreachable
 from app.values import ACTIVE, BackupStatus
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 2.0  # progress reaches the API at least this often
+# A job's outcome is written until PostgreSQL takes it: tried again at these growing intervals.
+RECORD_RETRY_FIRST_S = 0.5
+RECORD_RETRY_MAX_S = 5.0
 RESOURCES = "ibp"  # the key of our Resources in arq's job context
 # arq's job context: its own fields (job_try, redis, ...) and ours under RESOURCES.
 JobContext = dict[str, Any]
@@ -102,6 +105,27 @@ class Progress:
 
 
 W = TypeVar("W")
+T = TypeVar("T")
+
+
+async def until_recorded(what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """Run `write` (which opens its own session) until PostgreSQL takes it.
+
+    The work it records is done (the bytes are stored, the disk is replaced): losing the
+    outcome to a database restart would orphan it. While the database is unreachable the
+    write is tried again with backoff; the job's own timeout bounds the wait. Any other error
+    is the write's own and is raised.
+    """
+    delay = RECORD_RETRY_FIRST_S
+    while True:
+        try:
+            return await write()
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+            log.warning("%s: the database is unreachable (%s); retrying in %.1fs", what, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RECORD_RETRY_MAX_S)
 
 
 class Job(Generic[W]):
@@ -129,8 +153,12 @@ class Job(Generic[W]):
             message = describe(exc) if isinstance(exc, Exception) else self.interrupted
             if not isinstance(exc, EXPECTED):
                 log.exception("%s %s failed", self.name, row_id)
-            async with res.session() as session:
-                await self.fail(session, rid, message)
+
+            async def record() -> None:
+                async with res.session() as session:
+                    await self.fail(session, rid, message)
+
+            await until_recorded(f"{self.name} {row_id}: recording the failure", record)
             if not isinstance(exc, Exception):
                 raise  # cancelled: arq must see it
             return f"failed: {message}"
@@ -191,17 +219,28 @@ class Job(Generic[W]):
         )
 
     async def _keep_alive(self, res: Resources, row_id: uuid.UUID, progress: Progress) -> None:
-        """Every few seconds: heartbeat_at and progress (0-99), so the reaper can tell a live
-        job from a lost one."""
+        """Every HEARTBEAT_S: heartbeat_at and progress (0-99), so the reaper can tell a live
+        job from a lost one. Nothing stops it but the job's end: a beat that fails (the
+        database restarting) is logged, and the next one tries again."""
         model = self.model
+        failing = False
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            async with res.session() as session:
-                await session.execute(
-                    update(model)
-                    .where(model.id == row_id, model.status == BackupStatus.IN_PROGRESS)
-                    .values(heartbeat_at=utcnow(), progress=min(99, progress.percent))
-                )
+            try:
+                async with res.session() as session:
+                    await session.execute(
+                        update(model)
+                        .where(model.id == row_id, model.status == BackupStatus.IN_PROGRESS)
+                        .values(heartbeat_at=utcnow(), progress=min(99, progress.percent))
+                    )
+            except Exception as exc:
+                if not failing:
+                    log.warning("%s %s: heartbeat failed (%s); retrying", self.name, row_id, exc)
+                failing = True
+                continue
+            if failing:
+                log.info("%s %s: heartbeat restored", self.name, row_id)
+            failing = False
 
     # --- hooks ---------------------------------------------------------------------------
 

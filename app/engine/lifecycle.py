@@ -61,9 +61,13 @@ async def record_completion(
     jobs: JobQueue,
 ) -> Backup:
     """A backup's files are stored: the catalog says so (its chain, files and outcome), then
-    retention runs and the policy's status follows. `disks`: target and size of each disk."""
+    retention runs and the policy's status follows. `disks`: target and size of each disk.
+
+    Safe to call again after a lost commit: a backup already recorded is returned as it is."""
     backup = await session.get(Backup, backup_id)
     assert backup is not None
+    if backup.status == BackupStatus.COMPLETED and backup.checkpoint_name == checkpoint:
+        return backup  # an earlier attempt committed, and its answer was lost with the connection
     if decision.type == BackupType.INCREMENTAL:
         await _require_parent(session, decision, storage_id)
     converted = backup.type != decision.type

@@ -27,7 +27,7 @@ from app.queues import JobQueue
 from app.scheduling import Chain, Decision, decide
 from app.storage.base import BackupStorageDriver, StorageFull
 from app.values import BackupDevice, BackupType
-from worker.jobs import Job, JobFailed, Progress, Resources, now
+from worker.jobs import Job, JobFailed, Progress, Resources, now, until_recorded
 
 OVERLAP = "Skipped: another backup of this instance was already running"
 RESTORE_RUNNING = "A restore of this instance is in progress"
@@ -135,8 +135,9 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
             stored = await _store(work, driver, files, decision, checkpoint, progress)
         finally:
             await asyncio.to_thread(_remove_scratch, scratch, checkpoint)
-        jobs = JobQueue()
-        try:
+
+        async def record() -> JobQueue:
+            jobs = JobQueue()
             async with res.session() as session:
                 await record_completion(
                     session,
@@ -149,6 +150,10 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
                     now(),
                     jobs,
                 )
+            return jobs
+
+        try:
+            jobs = await until_recorded(f"backup {backup.id}: recording completion", record)
         except BaseException:
             # Not in the catalog: nothing would ever delete these files.
             await _unstore(driver, _stored_keys(backup, decision, stored))

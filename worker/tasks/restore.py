@@ -27,7 +27,7 @@ from app.engine.storage_access import open_driver
 from app.models import Hypervisor, Instance, Restore
 from app.storage.files import fsync_path
 from app.values import RestoreStatus, RestoreTarget
-from worker.jobs import Job, JobFailed, Progress, Resources, now
+from worker.jobs import Job, JobFailed, Progress, Resources, now, until_recorded
 
 INTERRUPTED = (
     "The worker stopped during the restore; its work files were removed. Disks are replaced "
@@ -207,7 +207,8 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         # the next backup is a full; chains.py also sees this restore as a chain reset.
         with contextlib.suppress(virt.VirtError):
             await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
-    await _complete(res, work, {t: str(p.final) for t, p in placements.items()})
+    result = {t: str(p.final) for t, p in placements.items()}
+    await until_recorded(f"restore {work.restore.id}", lambda: _complete(res, work, result))
     return f"completed {work.restore.target}"
 
 
