@@ -26,7 +26,7 @@ CHUNK_SIZE = 1024 * 1024
 MIN_READ = 1024 * 1024
 
 # Temporary names written during put(); list() hides them so a half-written
-# upload is never mistaken for a backup file.
+# upload is never mistaken for a backup file, partial_uploads() finds them.
 _TEMP_RE = re.compile(r"\.part-[0-9a-f]{16}$")
 
 
@@ -41,6 +41,20 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime | None
+
+
+@dataclass(frozen=True)
+class PartialUpload:
+    """An upload begun and never finished (its writer was killed): not listed, still
+    taking space until discarded.
+
+    `key` is the object it would have become; `handle` names the partial itself (the temp
+    file's key on file backends, the UploadId on S3); `started` is when it was begun.
+    """
+
+    key: str
+    handle: str
+    started: datetime | None
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,18 @@ class BackupStorageDriver(Protocol):
 
     async def stat(self, key: str) -> ObjectInfo: ...
 
+    async def partial_uploads(self, prefix: str) -> list[PartialUpload]:
+        """Every unfinished upload whose key starts with `prefix`, so that what a killed
+        worker left can be found (list() hides these)."""
+        ...
+
+    async def discard(self, upload: PartialUpload) -> None:
+        """Remove an unfinished upload; one already gone is fine.
+
+        Default for the file backends, whose partials are temp files that delete() removes.
+        """
+        await self.delete(temp_key_of(upload))
+
     async def list(self, prefix: str) -> list[ObjectInfo]: ...
 
     async def delete(self, key: str) -> None: ...
@@ -126,6 +152,22 @@ def temp_name(key: str) -> str:
 
 def is_temp_name(name: str) -> bool:
     return _TEMP_RE.search(name) is not None
+
+
+def partials_among(temps: list[ObjectInfo], prefix: str) -> list[PartialUpload]:
+    """The temp files a file backend listed, as partial uploads of keys starting with
+    `prefix` (a temp's own key may match a prefix its object's key does not)."""
+    found = [PartialUpload(_TEMP_RE.sub("", t.key), t.key, t.modified) for t in temps]
+    return [upload for upload in found if upload.key.startswith(prefix)]
+
+
+def temp_key_of(upload: PartialUpload) -> str:
+    """The temp file's key of a file backend's partial upload. Refuses any other handle, so
+    discarding can never delete a stored object."""
+    handle = upload.handle
+    if not is_temp_name(handle) or _TEMP_RE.sub("", handle) != upload.key:
+        raise ValueError(f"{handle!r} is not a temp file of {upload.key!r}")
+    return validate_key(handle)
 
 
 class Sha256Counter:

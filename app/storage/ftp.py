@@ -19,6 +19,7 @@ from app.storage.base import (
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
+    PartialUpload,
     PutResult,
     Sha256Counter,
     StorageError,
@@ -26,6 +27,7 @@ from app.storage.base import (
     StorageUnreachable,
     coalesce,
     is_temp_name,
+    partials_among,
     prefix_dir,
     run_check,
     temp_name,
@@ -163,7 +165,9 @@ class FtpDriver(BackupStorageDriver):
             raise ObjectNotFound(f"{path} is not a file on FTP server {self._where}")
         return ObjectInfo(key, int(info.get("size", 0)), _modified(info.get("modify")))
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
+    async def _files(self, prefix: str, temps: bool) -> list[ObjectInfo]:
+        """The files whose key starts with `prefix`: the stored objects, or with `temps` only
+        the temp files of unfinished writes."""
         validate_prefix(prefix)
         root = PurePosixPath(self.root)
         start = root / prefix_dir(prefix)
@@ -172,7 +176,7 @@ class FtpDriver(BackupStorageDriver):
             try:
                 async for entry, info in client.list(start, recursive=True):
                     key = str(PurePosixPath(entry).relative_to(root))
-                    wanted = key.startswith(prefix) and not is_temp_name(key)
+                    wanted = key.startswith(prefix) and is_temp_name(key) == temps
                     if info.get("type") == "file" and wanted:
                         size = int(info.get("size", 0))
                         found.append(ObjectInfo(key, size, _modified(info.get("modify"))))
@@ -182,6 +186,12 @@ class FtpDriver(BackupStorageDriver):
             except _NETWORK as exc:
                 raise self._translate(exc, "listing", str(start)) from None
         return sorted(found, key=lambda info: info.key)
+
+    async def partial_uploads(self, prefix: str) -> list[PartialUpload]:
+        return partials_among(await self._files(prefix, temps=True), prefix)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        return await self._files(prefix, temps=False)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)

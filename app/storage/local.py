@@ -16,11 +16,13 @@ from app.storage.base import (
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
+    PartialUpload,
     PutResult,
     Sha256Counter,
     StorageUnreachable,
     is_temp_name,
     iter_file,
+    partials_among,
     prefix_dir,
     run_check,
     validate_key,
@@ -105,13 +107,19 @@ class LocalDriver(BackupStorageDriver):
             raise ObjectNotFound(f"{key} is not a file in {self.root}")
         return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
+    async def _files(self, prefix: str, temps: bool) -> list[ObjectInfo]:
         validate_prefix(prefix)
         await self._ready()
         try:
-            return await asyncio.to_thread(_walk, self.root, prefix)
+            return await asyncio.to_thread(_walk, self.root, prefix, temps)
         except OSError as exc:
             raise translate_os_error(exc, f"listing {self.root}") from exc
+
+    async def partial_uploads(self, prefix: str) -> list[PartialUpload]:
+        return partials_among(await self._files(prefix, temps=True), prefix)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        return await self._files(prefix, temps=False)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
@@ -166,14 +174,16 @@ def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
     return counter.result()
 
 
-def _walk(root: Path, prefix: str) -> list[ObjectInfo]:
+def _walk(root: Path, prefix: str, temps: bool) -> list[ObjectInfo]:
+    """The files whose key starts with `prefix`: the stored objects, or with `temps` only the
+    temp files of unfinished writes."""
     found: list[ObjectInfo] = []
     start = root / prefix_dir(prefix)
     for dirpath, _dirs, files in os.walk(start):
         for name in files:
             full = os.path.join(dirpath, name)
             key = os.path.relpath(full, root).replace(os.sep, "/")
-            if not key.startswith(prefix) or is_temp_name(name):
+            if not key.startswith(prefix) or is_temp_name(name) != temps:
                 continue
             try:
                 st = os.stat(full)

@@ -21,6 +21,7 @@ from app.storage.base import (
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
+    PartialUpload,
     PutResult,
     Sha256Counter,
     StorageError,
@@ -285,6 +286,26 @@ class S3Driver(BackupStorageDriver):
         )
         return ObjectInfo(key, int(head["ContentLength"]), head.get("LastModified"))
 
+    async def partial_uploads(self, prefix: str) -> list[PartialUpload]:
+        full_prefix = self._prefix + validate_prefix(prefix)
+        client = await self._s3()
+        found: list[PartialUpload] = []
+        try:
+            pages = client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=full_prefix
+            )
+            async for page in pages:
+                for upload in page.get("Uploads", []):
+                    s3_key = upload["Key"]
+                    if s3_key.startswith(full_prefix):  # not every S3-compatible server filters
+                        key = s3_key[len(self._prefix) :]
+                        found.append(
+                            PartialUpload(key, upload["UploadId"], upload.get("Initiated"))
+                        )
+        except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
+            raise self._translate(exc, "listing of unfinished uploads", None) from exc
+        return sorted(found, key=lambda upload: (upload.key, upload.handle))
+
     async def list(self, prefix: str) -> list[ObjectInfo]:
         full_prefix = self._prefix + validate_prefix(prefix)
         client = await self._s3()
@@ -300,6 +321,16 @@ class S3Driver(BackupStorageDriver):
         except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
             raise self._translate(exc, "listing", None) from exc
         return sorted(found, key=lambda info: info.key)
+
+    async def discard(self, upload: PartialUpload) -> None:
+        client = await self._s3()
+        try:
+            await client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self._key(upload.key), UploadId=upload.handle
+            )
+        except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
+            if not _upload_gone(exc):
+                raise self._translate(exc, "abort of unfinished upload", upload.key) from exc
 
     async def delete(self, key: str) -> None:
         client = await self._s3()
@@ -320,6 +351,12 @@ class S3Driver(BackupStorageDriver):
                 await self._stack.aclose()
             self._client = None
             self._stack = AsyncExitStack()
+
+
+def _upload_gone(exc: Exception) -> bool:
+    """The multipart upload no longer exists: aborted or completed already."""
+    code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+    return code == "NoSuchUpload"
 
 
 async def _chain(

@@ -19,12 +19,14 @@ from app.storage.base import (
     CheckResult,
     ObjectInfo,
     ObjectNotFound,
+    PartialUpload,
     PutResult,
     Sha256Counter,
     StorageError,
     StorageFull,
     StorageUnreachable,
     is_temp_name,
+    partials_among,
     prefix_dir,
     read_blocks,
     run_check,
@@ -222,7 +224,9 @@ class SftpDriver(BackupStorageDriver):
             raise ObjectNotFound(f"{path} is not a file on SFTP server {self._where}")
         return ObjectInfo(key, attrs.size or 0, _mtime(attrs))
 
-    async def list(self, prefix: str) -> list[ObjectInfo]:
+    async def _files(self, prefix: str, temps: bool) -> list[ObjectInfo]:
+        """The files whose key starts with `prefix`: the stored objects, or with `temps` only
+        the temp files of unfinished writes."""
         validate_prefix(prefix)
         sftp = await self._client()
         found: list[ObjectInfo] = []
@@ -244,9 +248,15 @@ class SftpDriver(BackupStorageDriver):
                 if stat.S_ISDIR(mode):
                     if key.startswith(prefix) or prefix.startswith(key + "/"):
                         pending.append(key)
-                elif key.startswith(prefix) and not is_temp_name(name):
+                elif key.startswith(prefix) and is_temp_name(name) == temps:
                     found.append(ObjectInfo(key, entry.attrs.size or 0, _mtime(entry.attrs)))
         return sorted(found, key=lambda info: info.key)
+
+    async def partial_uploads(self, prefix: str) -> list[PartialUpload]:
+        return partials_among(await self._files(prefix, temps=True), prefix)
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        return await self._files(prefix, temps=False)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)

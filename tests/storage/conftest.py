@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from app.storage import BackupStorageDriver, get_driver
+from app.storage.base import temp_name
 from tests.storage import servers
 from tests.storage.servers import Server
 
@@ -48,6 +49,31 @@ class Backend:
             uploads = admin.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
             names += [f"{u['Key']} (unfinished multipart upload)" for u in uploads]
         return sorted(names)
+
+    def leave_partial(self, key: str) -> str:
+        """Leave what a writer killed mid-put leaves behind, made on the server itself: a temp
+        file beside `key`, or an S3 multipart upload with a part sent and never completed.
+        Returns the partial's handle (temp key or UploadId)."""
+        if self.kind == "s3":
+            assert self.server is not None
+            admin = servers.s3_admin(self.server)
+            bucket, s3_key = self.config["bucket"], self.config["prefix"] + key
+            upload_id: str = admin.create_multipart_upload(Bucket=bucket, Key=s3_key)["UploadId"]
+            admin.upload_part(
+                Bucket=bucket, Key=s3_key, UploadId=upload_id, PartNumber=1, Body=b"x" * MiB
+            )
+            return upload_id
+        assert self.root is not None
+        temp = temp_name(key)
+        path = self.root / temp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the first MiB of a disk image" * 1000)
+        # Owned like the root, as the server's own writes are (the SFTP user must delete it).
+        owner = self.root.stat()
+        while path != self.root:
+            os.chown(path, owner.st_uid, owner.st_gid)
+            path = path.parent
+        return temp
 
 
 def _start(factory: Any) -> Iterator[Server]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime
 
 import pytest
 
-from app.storage import BackupStorageDriver, ObjectNotFound, PutResult
+from app.storage import BackupStorageDriver, ObjectNotFound, PartialUpload, PutResult
 from tests.storage.conftest import Backend
 from tests.storage.payloads import MiB, chunked, failing, payload, read_all, sha256
 
@@ -125,6 +126,7 @@ async def test_source_failing_midway_leaves_no_object_and_no_temp_file(
         await driver.put(f"{uid}/vda.qcow2", source)
 
     assert leftovers(backend, uid) == []
+    assert await driver.partial_uploads(f"{uid}/") == []
     with pytest.raises(ObjectNotFound):
         await driver.stat(f"{uid}/vda.qcow2")
 
@@ -149,6 +151,38 @@ async def test_cancelled_upload_leaves_no_object_and_no_temp_file(
     with pytest.raises(asyncio.CancelledError):
         await upload
     assert leftovers(backend, uid) == []
+
+
+async def test_a_partial_upload_left_by_a_killed_writer_is_found_and_discarded(
+    backend: Backend, driver: BackupStorageDriver, uid: str
+) -> None:
+    finished, unfinished = f"{uid}/c/b/vda.qcow2", f"{uid}/c/b/vdb.qcow2"
+    await driver.put(finished, chunked(b"a whole disk image"))
+    handle = backend.leave_partial(unfinished)
+
+    partials = await driver.partial_uploads(f"{uid}/")
+
+    assert [(p.key, p.handle) for p in partials] == [(unfinished, handle)]
+    assert isinstance(partials[0].started, datetime)
+    assert await driver.partial_uploads(f"{uid}/c/b/vdb") == partials
+    assert await driver.partial_uploads(f"{uid}/c/b/vda") == []
+    assert [o.key for o in await driver.list(f"{uid}/")] == [finished]
+
+    await driver.discard(partials[0])
+    await driver.discard(partials[0])  # already gone: nothing to do
+
+    assert await driver.partial_uploads(f"{uid}/") == []
+    assert leftovers(backend, uid) == [finished]
+
+
+async def test_discard_never_removes_a_stored_object(driver: BackupStorageDriver, uid: str) -> None:
+    await driver.put(f"{uid}/f", chunked(b"kept"))
+
+    # File backends refuse a handle that is not a temp file; S3 finds no such upload.
+    with contextlib.suppress(ValueError):
+        await driver.discard(PartialUpload(f"{uid}/f", f"{uid}/f", None))
+
+    assert await read_all(driver, f"{uid}/f") == b"kept"
 
 
 async def test_check_passes_and_leaves_no_probe_behind(
