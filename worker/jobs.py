@@ -28,7 +28,8 @@ from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
-from app.models import Backup, Instance, Restore
+from app.engine.workers import is_live
+from app.models import Backup, Instance, Restore, Worker
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
 from app.values import ACTIVE, BackupStatus
@@ -55,11 +56,14 @@ class Resources:
     sessionmaker: async_sessionmaker[AsyncSession]
     redis: ArqRedis | None = None
     engine: AsyncEngine | None = None  # owned: disposed by close()
+    worker_id: uuid.UUID | None = None  # this process's row in `workers`, stamped on claims
 
     @classmethod
-    def open(cls, settings: Settings, redis: ArqRedis | None) -> Resources:
+    def open(
+        cls, settings: Settings, redis: ArqRedis | None, worker_id: uuid.UUID | None = None
+    ) -> Resources:
         engine = build_engine(settings)
-        return cls(settings, build_sessionmaker(engine), redis, engine)
+        return cls(settings, build_sessionmaker(engine), redis, engine, worker_id)
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -186,8 +190,7 @@ class Job(Generic[W]):
             if status == BackupStatus.IN_PROGRESS and job_try > 1:
                 row = await session.get(model, row_id)
                 assert row is not None
-                await self.recover(session, row)
-                await self.fail(session, row_id, self.interrupted)
+                await self._abandon(session, row)
                 return False
             if status != BackupStatus.PENDING:
                 return False
@@ -203,10 +206,30 @@ class Job(Generic[W]):
                     started_at=started,
                     heartbeat_at=started,
                     progress=0,
+                    worker_id=res.worker_id,
                 )
                 .returning(model.id)
             )
             return claimed is not None
+
+    async def abandon_orphan(self, res: Resources, row_id: uuid.UUID) -> bool:
+        """A row left in progress by a worker that is gone: clean up what that worker left
+        (libvirt job, checkpoint, work files, partial uploads) and fail it. False when the row
+        turned out to be in a live worker's hands after all."""
+        async with res.session() as session:
+            row: Any = await session.get(self.model, row_id, with_for_update=True)
+            if row is None or row.status != BackupStatus.IN_PROGRESS:
+                return False
+            if row.worker_id is not None and await session.scalar(
+                select(Worker.id).where(Worker.id == row.worker_id, is_live(now()))
+            ):
+                return False
+            await self._abandon(session, row)
+        return True
+
+    async def _abandon(self, session: AsyncSession, row: Any) -> None:
+        await self.recover(session, row)
+        await self.fail(session, row.id, self.interrupted)
 
     async def fail(self, session: AsyncSession, row_id: uuid.UUID, message: str) -> Any:
         """Mark the row failed (if it still is pending or in progress); the failed row or None."""

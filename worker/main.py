@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker
 from app.models import Hypervisor
 from app.queues import CONTROL_QUEUE, hypervisor_queue
+from worker import presence
 from worker.jobs import RESOURCES, JobContext, Resources
 from worker.tasks.backup import run_backup
 from worker.tasks.control import tick
@@ -49,17 +51,17 @@ async def _find_hypervisor(settings: Settings, name: str) -> Hypervisor:
     return hv
 
 
-def _hooks(settings: Settings) -> dict[str, Any]:
+def _hooks(settings: Settings, worker_id: uuid.UUID) -> dict[str, Any]:
     """arq's startup and shutdown hooks: each worker builds its Resources, and disposes them."""
 
     async def on_startup(ctx: JobContext) -> None:
-        ctx[RESOURCES] = Resources.open(settings, ctx.get("redis"))
+        ctx[RESOURCES] = Resources.open(settings, ctx.get("redis"), worker_id)
 
     return {"on_startup": on_startup, "on_shutdown": _dispose}
 
 
 def _workers(
-    settings: Settings, hypervisor: Hypervisor | None, control: bool
+    settings: Settings, hypervisor: Hypervisor | None, control: bool, worker_id: uuid.UUID
 ) -> list[tuple[str, Callable[[], Worker]]]:
     """(queue name, factory) per queue served: each call makes a fresh arq Worker (_serve)."""
     redis = RedisSettings.from_dsn(settings.redis_url)
@@ -73,7 +75,7 @@ def _workers(
                 queue_name=CONTROL_QUEUE,
                 redis_settings=redis,
                 handle_signals=False,
-                **_hooks(settings),
+                **_hooks(settings, worker_id),
             )
 
         workers.append((CONTROL_QUEUE, control_worker))
@@ -95,7 +97,7 @@ def _workers(
                 max_jobs=max_jobs,
                 redis_settings=redis,
                 handle_signals=False,
-                **_hooks(settings),
+                **_hooks(settings, worker_id),
             )
 
         workers.append((queue, hypervisor_worker))
@@ -105,9 +107,28 @@ def _workers(
 async def _run(hypervisor_name: str | None, control: bool) -> None:
     settings = get_settings()
     hypervisor = await _find_hypervisor(settings, hypervisor_name) if hypervisor_name else None
-    workers = _workers(settings, hypervisor, control)
-    if not workers:
+    if hypervisor is None and not control:
         raise SystemExit("Nothing to do: pass --hypervisor NAME or drop --no-control")
+    res = Resources.open(settings, None)
+    worker_id = await presence.register(res, hypervisor.id if hypervisor else None)
+    present = asyncio.create_task(presence.keep_present(res, worker_id, hypervisor))
+    try:
+        if hypervisor is not None:
+            recovered = await presence.recover_hypervisor(res, hypervisor)
+            log.info(
+                "hypervisor %s: %d job(s) left by an earlier worker recovered",
+                hypervisor.name,
+                recovered,
+            )
+        await _serve_all(_workers(settings, hypervisor, control, worker_id))
+    finally:
+        present.cancel()
+        await asyncio.gather(present, return_exceptions=True)
+        await presence.unregister(res, worker_id)
+        await res.close()
+
+
+async def _serve_all(workers: list[tuple[str, Callable[[], Worker]]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -6,6 +6,7 @@ from app.models.inventory import BackupStorage, Hypervisor, Instance, InstanceDi
 from app.models.policy import BackupPolicy
 from app.models.restore import Restore
 from app.models.user import ApiToken, User
+from app.models.worker import Worker
 
 __all__ = [
     "ApiToken",
@@ -21,4 +22,5 @@ __all__ = [
     "Location",
     "Restore",
     "User",
+    "Worker",
 ]

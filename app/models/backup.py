@@ -84,6 +84,11 @@ class Backup(IdMixin, Base):
     verified_at: Mapped[datetime | None] = mapped_column()
     verify_ok: Mapped[bool | None] = mapped_column()
     verify_error: Mapped[str | None] = mapped_column(Text)
+    # The worker process that runs (or ran) it: a row whose worker is gone is failed and
+    # cleaned up, not left until a timeout.
+    worker_id: Mapped[uuid.UUID | None] = mapped_column()
+    # Set by the storage reconciliation when a file of this backup is not on its storage.
+    files_missing_at: Mapped[datetime | None] = mapped_column()
     delete_attempts: Mapped[int] = mapped_column(default=0)
     delete_error: Mapped[str | None] = mapped_column(Text)
 

@@ -46,3 +46,4 @@ class Restore(IdMixin, Base):
     started_at: Mapped[datetime | None] = mapped_column()
     completed_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
+    worker_id: Mapped[uuid.UUID | None] = mapped_column()  # as Backup.worker_id

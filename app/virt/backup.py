@@ -312,12 +312,17 @@ def _rollback_checkpoint(dom: Domain, checkpoint: str) -> None:
 
 
 def abort_job(uri: str, domain: str) -> bool:
-    """Abort the domain's running job, if any, and wait for it to stop. True if one was aborted.
+    """Abort the domain's running backup job, if any, and wait for it to stop. True if one was
+    aborted. Other jobs (a migration the platform started) are left alone.
 
     For a worker restarting after it was killed mid-backup.
     """
     with open_domain(uri, domain) as dom:
-        if not _job_active(dom):
+        stats = _job_stats(dom)
+        if int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return False
+        operation = stats.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
+        if operation != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
             return False
         _abort(dom)
         return True

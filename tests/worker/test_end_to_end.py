@@ -3,6 +3,7 @@ the hypervisor's arq worker takes the backup, and the API lists it completed."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -40,7 +41,7 @@ async def test_scheduled_backup_runs_through_the_worker_and_shows_in_the_api(
     result = await run_tick(real_sessionmaker, arq_redis, due, timedelta(hours=6))
     assert len(result.dispatched) == 1
 
-    ((queue, make),) = _workers(settings, world.hypervisor, control=False)
+    ((queue, make),) = _workers(settings, world.hypervisor, control=False, worker_id=uuid.uuid4())
     hv_worker = make()
     assert hv_worker.queue_name == queue
     hv_worker.burst = True

@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.lifecycle import redispatch_lost_jobs
+from app.engine.workers import register
 from app.queues import CONTROL_QUEUE, JobQueue, enqueue_backup, hypervisor_queue
 from tests.factories import create_backup, create_instance, create_restore, create_user
 from worker.jobs import JobContext
@@ -88,6 +89,8 @@ async def test_the_minute_tick_resends_lost_jobs(
 ) -> None:
     async with real_sessionmaker() as session:
         instance = await create_instance(session, await create_user(session))
+        # The hypervisor's worker runs; only the job was lost (with Redis's memory, say).
+        await register(session, instance.hypervisor_id, "hv", 1, datetime.now(UTC), lambda _: True)
         lost = await create_backup(
             session,
             instance,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import uuid
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ from app.engine.storage_access import backup_prefix, open_driver
 from app.models import Backup, Hypervisor, Instance
 from app.queues import JobQueue
 from app.scheduling import Chain, Decision, decide
-from app.storage.base import BackupStorageDriver, StorageFull
+from app.storage.base import BackupStorageDriver, StorageError, StorageFull
 from app.values import BackupDevice, BackupType
 from worker.jobs import Job, JobFailed, Progress, Resources, now, until_recorded
 
+log = logging.getLogger(__name__)
 OVERLAP = "Skipped: another backup of this instance was already running"
 RESTORE_RUNNING = "A restore of this instance is in progress"
 INTERRUPTED = "The worker stopped during the backup; it was cleaned up and the next run retries"
@@ -73,6 +75,14 @@ class BackupJob(Job[Work]):
                 virt.delete_checkpoint, hypervisor.libvirt_uri, instance.domain_name, checkpoint
             )
         await asyncio.to_thread(_remove_scratch, Path(hypervisor.scratch_dir), checkpoint)
+        if hypervisor.backup_storage_id is not None:
+            driver = await open_driver(session, hypervisor.backup_storage_id)
+            try:
+                await discard_uploads(driver, row.instance_id, row.id)
+            except StorageError as exc:  # the storage reconciliation sweeps what is left
+                log.warning("backup %s: could not remove its partial uploads: %s", row.id, exc)
+            finally:
+                await driver.close()
 
     async def load(self, session: AsyncSession, row_id: uuid.UUID) -> Work:
         backup = await session.get(Backup, row_id)
@@ -289,6 +299,20 @@ async def _store(
         await _unstore(driver, _stored_keys(backup, decision, stored))
         raise
     return stored
+
+
+async def discard_uploads(
+    driver: BackupStorageDriver, instance_id: uuid.UUID, backup_id: uuid.UUID
+) -> None:
+    """Remove every object and unfinished upload of one backup (its chain is not known: the
+    job that decided it is gone)."""
+    prefix, mine = f"{instance_id}/", f"/{backup_id}/"
+    for found in await driver.list(prefix):
+        if mine in found.key:
+            await driver.delete(found.key)
+    for upload in await driver.partial_uploads(prefix):
+        if mine in upload.key:
+            await driver.discard(upload)
 
 
 def _stored_keys(backup: Backup, decision: Decision, stored: list[StoredFile]) -> list[str]:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from app.engine.lifecycle import reap_stale, reap_stale_restores, redispatch_lost_jobs
+from app.engine.lifecycle import (
+    reap_stale,
+    reap_stale_restores,
+    record_failure,
+    redispatch_lost_jobs,
+)
 from app.engine.verification import due_for_verification
+from app.engine.workers import fail_unattended
+from app.models import Backup
 from app.queues import JobQueue, enqueue_verify
 from worker.jobs import JobContext, Resources, resources
 from worker.tasks.tick import run_tick
@@ -29,6 +36,10 @@ async def tick(ctx: JobContext) -> str:
             timedelta(minutes=settings.stale_backup_minutes),
             max(grace, timedelta(hours=1)),
         )
+        for row in await fail_unattended(session, now):
+            reaped.append(row.id)
+            if isinstance(row, Backup):
+                await record_failure(session, row, row.error or "", now)
         lost = JobQueue()
         resent = await redispatch_lost_jobs(session, lost, now)
     await lost.flush(res.redis)

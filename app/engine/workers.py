@@ -1,0 +1,137 @@
+"""Which worker processes are alive, and the work whose worker is not.
+
+Every worker process has a row it touches every BEAT_S; each job it claims carries its id.
+So a job whose worker is gone is known without waiting for a timeout: the hypervisor's next
+worker cleans it up as it starts (worker.presence), and the tick fails what no worker will
+ever run (fail_unattended).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, literal, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import Backup, Hypervisor, Instance, Restore, Worker
+from app.values import BackupStatus
+
+BEAT_S = 5.0
+LIVE = timedelta(seconds=20)  # a worker not seen for this long is gone
+# Pending work on a hypervisor with no worker seen for this long fails, saying so.
+NO_WORKER_AFTER = timedelta(minutes=2)
+FORGET_AFTER = timedelta(days=7)  # rows of stopped workers are kept this long, for operators
+
+
+def no_worker(name: str) -> str:
+    return f"No worker is running for hypervisor {name}"
+
+
+WORKER_GONE = "The worker stopped during the job; it was cleaned up and the next run retries"
+
+
+def is_live(now: datetime, within: timedelta = LIVE) -> ColumnElement[bool]:
+    return and_(Worker.stopped_at.is_(None), Worker.seen_at > now - within)
+
+
+async def register(
+    session: AsyncSession,
+    hypervisor_id: uuid.UUID | None,
+    host: str,
+    pid: int,
+    now: datetime,
+    process_alive: Callable[[int], bool],
+) -> uuid.UUID:
+    """A new worker process. Earlier workers on this host whose process is gone are marked
+    stopped at once: their jobs need not wait for LIVE to pass."""
+    earlier = await session.execute(
+        select(Worker.id, Worker.pid).where(Worker.host == host, Worker.stopped_at.is_(None))
+    )
+    dead = [worker_id for worker_id, old_pid in earlier if not process_alive(old_pid)]
+    if dead:
+        await session.execute(update(Worker).where(Worker.id.in_(dead)).values(stopped_at=now))
+    worker = Worker(
+        id=uuid.uuid4(), hypervisor_id=hypervisor_id, host=host, pid=pid, started_at=now
+    )
+    worker.seen_at = now
+    session.add(worker)
+    await session.flush()
+    return worker.id
+
+
+async def beat(session: AsyncSession, worker_id: uuid.UUID, now: datetime) -> None:
+    await session.execute(update(Worker).where(Worker.id == worker_id).values(seen_at=now))
+
+
+async def stop(session: AsyncSession, worker_id: uuid.UUID, now: datetime) -> None:
+    await session.execute(
+        update(Worker).where(Worker.id == worker_id).values(seen_at=now, stopped_at=now)
+    )
+
+
+def _unattended(model: type[Backup] | type[Restore], now: datetime) -> ColumnElement[bool]:
+    """In progress, and its worker is not a live one."""
+    live = select(Worker.id).where(is_live(now))
+    return and_(
+        model.status == BackupStatus.IN_PROGRESS,
+        or_(model.worker_id.is_(None), model.worker_id.not_in(live)),
+    )
+
+
+async def orphaned(
+    session: AsyncSession,
+    model: type[Backup] | type[Restore],
+    hypervisor_id: uuid.UUID,
+    now: datetime,
+) -> list[uuid.UUID]:
+    """Rows of `model` in progress on the hypervisor whose worker is gone."""
+    rows = await session.scalars(
+        select(model.id)
+        .join(Instance, Instance.id == model.instance_id)
+        .where(Instance.hypervisor_id == hypervisor_id, _unattended(model, now))
+    )
+    return list(rows)
+
+
+async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
+    """The tick's part: pending work on a hypervisor no live worker has served for
+    NO_WORKER_AFTER fails saying so, and running work whose worker has been gone that long
+    fails too (the hypervisor's next worker cleans up what it left). The failed rows."""
+    served = select(Worker.hypervisor_id).where(
+        Worker.hypervisor_id.is_not(None), is_live(now, NO_WORKER_AFTER)
+    )
+    alive = select(Worker.id).where(is_live(now, NO_WORKER_AFTER))
+    failed: list[Any] = []
+    for model in (Backup, Restore):
+        done = {"status": BackupStatus.FAILED, "completed_at": now, "progress": None}
+        failed += (
+            await session.scalars(
+                update(model)
+                .where(
+                    model.status == BackupStatus.PENDING,
+                    model.created_at < now - NO_WORKER_AFTER,
+                    model.instance_id == Instance.id,
+                    Instance.hypervisor_id == Hypervisor.id,
+                    Hypervisor.id.not_in(served),
+                )
+                .values(**done, error=literal(no_worker("")) + Hypervisor.name)
+                .returning(model)
+            )
+        ).all()
+        failed += (
+            await session.scalars(
+                update(model)
+                .where(
+                    model.status == BackupStatus.IN_PROGRESS,
+                    model.worker_id.is_not(None),
+                    model.worker_id.not_in(alive),
+                )
+                .values(**done, error=WORKER_GONE)
+                .returning(model)
+            )
+        ).all()
+    await session.execute(delete(Worker).where(Worker.seen_at < now - FORGET_AFTER))
+    return failed
