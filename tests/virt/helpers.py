@@ -1,4 +1,4 @@
-"""Helpers shared by the virt tests: fake storage layout, restore and compare."""
+"""Helpers shared by the virt tests: a VM with data, fake storage layout, restore and compare."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import shutil
 from pathlib import Path
 
 from app.virt import ScratchFile, rebase_onto
+from tests.virt import vmkit
 from tests.virt.images import compare_images, rebuild_chain
+from tests.virt.vmkit import MiB
 
 
 def store(scratch: list[ScratchFile], storage: Path, backup: str, parent: str | None) -> None:
@@ -36,3 +38,11 @@ def restore(storage: Path, chain: list[str], target: str, workdir: Path) -> Path
 
 def assert_same(a: Path, b: Path) -> None:
     assert compare_images(a, b), f"{a} and {b} differ"
+
+
+def big_vm(make_vm: vmkit.VMFactory, size: int = 1024 * MiB) -> vmkit.VM:
+    """A VM whose vda is full of data, so a full backup takes a while."""
+    vm = make_vm("big", [("vda", size), ("vdb", 32 * MiB)], start=False)
+    vmkit.fill_disk(vm.disk("vda"), 0x5A, size)
+    vmkit.start_vm(vm.name)
+    return vm

@@ -26,7 +26,7 @@ from app.virt import (
     run_backup,
 )
 from tests.virt import vmkit
-from tests.virt.helpers import assert_same, restore, store
+from tests.virt.helpers import assert_same, big_vm, restore, store
 from tests.virt.images import data_bytes, job_running
 from tests.virt.vmkit import URI, MiB
 
@@ -237,16 +237,8 @@ def test_prune_keeps_only_what_is_asked(vm: vmkit.VM, tmp_path: Path) -> None:
     assert prune_checkpoints(URI, vm.name, keep=[]) == ["c2", "c3", "c4"]
 
 
-def _big_vm(make_vm: vmkit.VMFactory, size: int = 1024 * MiB) -> vmkit.VM:
-    """A VM whose vda is full of data, so a full backup takes a while."""
-    vm = make_vm("big", [("vda", size), ("vdb", 32 * MiB)], start=False)
-    vmkit.fill_disk(vm.disk("vda"), 0x5A, size)
-    vmkit.start_vm(vm.name)
-    return vm
-
-
 def test_cancel_aborts_and_leaves_nothing(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
-    vm = _big_vm(make_vm)
+    vm = big_vm(make_vm)
     cancel = threading.Event()
     cancel.set()  # checked before every poll: the job is aborted right after it started
     with pytest.raises(BackupAborted, match="cancelled"):
@@ -290,7 +282,7 @@ def test_cancel_aborts_and_leaves_nothing(make_vm: vmkit.VMFactory, tmp_path: Pa
 
 def test_abort_job_of_an_orphaned_backup(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
     """A worker killed mid-backup leaves the job running: abort_job stops it."""
-    vm = _big_vm(make_vm)
+    vm = big_vm(make_vm)
     assert not job_running(URI, vm.name)
     assert abort_job(URI, vm.name) is False
     conn = libvirt.open(URI)
