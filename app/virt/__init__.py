@@ -26,6 +26,7 @@ from app.virt.errors import (
     DiskBusy,
     DomainNotFound,
     DomainNotRunning,
+    DomainStopped,
     VirtError,
 )
 from app.virt.images import (
@@ -44,6 +45,7 @@ __all__ = [
     "DiskInfo",
     "DomainNotFound",
     "DomainNotRunning",
+    "DomainStopped",
     "Progress",
     "ScratchFile",
     "VirtError",

@@ -19,6 +19,16 @@ class DomainNotRunning(VirtError):
         self.state = state
 
 
+class DomainStopped(VirtError):
+    """The domain's QEMU process ended (killed, crashed, shut down) while a backup job ran."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(
+            f"The VM's QEMU process stopped during the backup (libvirt state: {state})"
+        )
+        self.state = state
+
+
 class DiskBusy(VirtError):
     """Another block job (or backup job) holds one of the disks."""
 
