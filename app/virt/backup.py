@@ -15,8 +15,8 @@ import libvirt
 
 from app.virt._conn import Domain, error_code, error_text, open_domain
 from app.virt.checkpoints import checkpoint_disks, checkpoint_names, delete_on_domain
-from app.virt.domains import require_running, xml_disks
-from app.virt.errors import BackupAborted, CheckpointBroken, DiskBusy, VirtError
+from app.virt.domains import require_running, state_of, xml_disks
+from app.virt.errors import BackupAborted, CheckpointBroken, DiskBusy, DomainStopped, VirtError
 from app.virt.images import create_full_target, wait_unlocked
 from app.writeback import written_back
 
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKUP_TIMEOUT = 6 * 3600.0
 POLL_INTERVAL = 0.1
 ABORT_WAIT = 60.0
+# QEMU's death reaches libvirt (the domain turns inactive) a moment after its monitor stops
+# answering: how long a failing job query on a domain still called running is looked at again.
+STOP_GRACE = 5.0
 
 Progress = Callable[[int, int], None]
 
@@ -108,6 +111,39 @@ def _abort(dom: Domain) -> None:
             ) from exc
     if not _wait_job_end(dom, ABORT_WAIT):
         raise VirtError(f"The backup job of {dom.name()} did not stop within {ABORT_WAIT:.0f}s")
+
+
+def _domain_id(dom: Domain) -> int | None:
+    """The domain's ID now: -1 while it is shut off, a new one at each start, None once it is
+    undefined. (``dom.ID()`` is the ID the handle was looked up with, never refreshed.)"""
+    try:
+        return int(dom.connect().lookupByUUID(dom.UUID()).ID())
+    except libvirt.libvirtError as exc:
+        if error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VirtError(f"Cannot look up instance {dom.name()}: {error_text(exc)}") from exc
+
+
+def _stopped(dom: Domain, run_id: int | None) -> DomainStopped | None:
+    """DomainStopped when the QEMU process that ran the job (domain ID ``run_id``) is gone:
+    killed, crashed or shut down, even if the domain was started again since. None while it
+    runs and answers, or when libvirt cannot tell (then what it said about the job stands)."""
+    deadline = time.monotonic() + STOP_GRACE
+    try:
+        while True:
+            now = _domain_id(dom)
+            if now is None or now == -1 or now != run_id:
+                return DomainStopped("undefined" if now is None else state_of(dom)[1])
+            try:
+                dom.jobStats(0)
+                return None  # its monitor answers: the process runs
+            except libvirt.libvirtError:
+                if time.monotonic() >= deadline:
+                    return None
+            time.sleep(0.05)
+    except VirtError as exc:
+        log.warning("cannot tell whether %s still runs: %s", dom.name(), exc)
+        return None
 
 
 def _broken(text: str) -> bool:
@@ -210,6 +246,7 @@ def run_backup(
         bxml = backup_xml(all_targets, files, incremental_from)
         cxml = checkpoint_xml(all_targets, targets, checkpoint)
         started = False
+        run_id = _domain_id(dom)  # _preflight saw it running
         try:
             flags = 0
             if incremental_from is None:
@@ -226,17 +263,36 @@ def run_backup(
                     ) from exc
                 raise VirtError(f"The backup of {domain} could not start: {text}") from exc
             started = True
-            # QEMU writes the files through the page cache and fdatasyncs them at the end of the
-            # job: with their writeback started meanwhile, that last flush has less to wait for.
-            with written_back(paths):
-                _wait(dom, progress, cancel, timeout)
-            started = False
-            result = _outcome(dom, incremental_from)
+            # When QEMU dies mid-job, libvirt speaks of the job ("domain is not running", a
+            # cancelled job): the words an operator needs are about the process (docs/libvirt.md,
+            # pitfall 13).
+            try:
+                # QEMU writes the files through the page cache and fdatasyncs them at the end of
+                # the job: with their writeback started meanwhile, that last flush has less to
+                # wait for.
+                with written_back(paths):
+                    _wait(dom, progress, cancel, timeout)
+                started = False
+                total = _outcome(dom, incremental_from)
+            except VirtError as exc:
+                stopped = _stopped(dom, run_id)
+                if stopped is None:
+                    raise
+                started = False  # the job went with the process: nothing left to abort
+                raise stopped from exc
+            if total is None:
+                # Someone else read (and so cleared) the completed statistics: the files are
+                # whole if the process that wrote them still runs.
+                stopped = _stopped(dom, run_id)
+                if stopped is not None:
+                    raise stopped
+                log.warning("completed statistics of the backup of %s were not available", domain)
+                total = 0
             for p in paths:
                 wait_unlocked(p)
             scratch = [ScratchFile(t, p, p.stat().st_size) for t, p in files.items()]
-            if progress is not None and result[1] > 0:
-                progress(result[1], result[1])
+            if progress is not None and total > 0:
+                progress(total, total)
             return scratch
         except BaseException:
             if started:
@@ -278,19 +334,18 @@ def _wait(
         interval = min(interval * 1.5, POLL_INTERVAL if elapsed < 30 else POLL_INTERVAL * 10)
 
 
-def _outcome(dom: Domain, incremental_from: str | None) -> tuple[bool, int]:
-    """Read the finished job's statistics; raise unless it succeeded. Returns (ok, total)."""
+def _outcome(dom: Domain, incremental_from: str | None) -> int | None:
+    """Read the finished job's statistics; raise unless it succeeded. Returns the job's total
+    bytes, or None when the statistics were not available."""
     stats = _job_stats(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     jtype = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
     total = int(stats.get("disk_total", 0))
     log.debug("backup job of %s ended: %s", dom.name(), stats)
     if jtype == libvirt.VIR_DOMAIN_JOB_NONE:
-        # Someone else read (and so cleared) the completed statistics: trust the files below.
-        log.warning("completed statistics of the backup of %s were not available", dom.name())
-        return True, total
+        return None
     success = stats.get("success")
     if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and success is not False:
-        return True, total
+        return total
     errmsg = str(stats.get("errmsg") or "")
     if jtype == libvirt.VIR_DOMAIN_JOB_CANCELLED:
         raise BackupAborted(f"The backup job was cancelled on the hypervisor {errmsg}".strip())
@@ -300,7 +355,10 @@ def _outcome(dom: Domain, incremental_from: str | None) -> tuple[bool, int]:
 
 
 def _rollback_checkpoint(dom: Domain, checkpoint: str) -> None:
-    """A failed backup must not advance the chain: drop the checkpoint libvirt created."""
+    """A failed backup must not advance the chain: drop the checkpoint libvirt created.
+
+    On a shut-off domain (QEMU died mid-job) only the metadata can go (docs/libvirt.md,
+    pitfall 14)."""
     try:
         if delete_on_domain(dom, checkpoint):
             log.info("removed checkpoint %s of failed backup", checkpoint)
