@@ -1,4 +1,5 @@
-"""Failure paths: busy disks, failed/cancelled incrementals that must not advance the chain."""
+"""Failure paths: busy disks, failed/cancelled incrementals that must not advance the chain,
+QEMU killed mid-backup."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from app.virt import (
     CheckpointBroken,
     DiskBusy,
     DomainNotFound,
+    DomainStopped,
     VirtError,
+    domain_state,
     list_checkpoints,
     run_backup,
 )
 from tests.virt import vmkit
-from tests.virt.helpers import assert_same, restore, store
-from tests.virt.images import data_bytes
+from tests.virt.helpers import assert_same, big_vm, restore, store
+from tests.virt.images import data_bytes, job_running
 from tests.virt.vmkit import URI, MiB
 
 BOTH = ["vda", "vdb"]
@@ -99,3 +102,64 @@ def test_failed_incrementals_do_not_advance_the_chain(
     store(list(inc.values()), storage, "f1", "f0")
     for t in BOTH:
         assert_same(restore(storage, ["f0", "f1"], t, tmp_path / "r"), snaps[t])
+
+
+@pytest.mark.parametrize("seen", ["polling the job", "reading its outcome"])
+def test_qemu_killed_during_a_backup(
+    make_vm: vmkit.VMFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen: str
+) -> None:
+    """QEMU SIGKILLed mid-job: the error speaks of the process, not of libvirt's job; nothing is
+    left behind, and once the VM runs again a full backup with the same checkpoint name works.
+
+    libvirt gives two accounts, depending on when the job is next looked at: a job query that
+    fails ("domain is not running") or, once the job was seen to end, a cancelled job.
+    """
+    vm = big_vm(make_vm)
+    scratch = tmp_path / "scratch"
+    running = threading.Event()  # the job runs, slowed down so it surely still does at the kill
+    killed = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if not running.is_set():
+            vmkit.throttle_block_jobs(vm.name, 1 * MiB)
+            running.set()
+
+    if seen == "reading its outcome":
+        # The poll that would fail comes after the kill: the job is seen to end, not lost.
+        def wait_past_the_kill(*args: object) -> None:
+            progress(0, 0)
+            assert killed.wait(60)
+
+        monkeypatch.setattr("app.virt.backup._wait", wait_past_the_kill)
+
+    errors: list[BaseException] = []
+
+    def backup() -> None:
+        try:
+            run_backup(URI, vm.name, BOTH, scratch, "q1", None, progress)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=backup)
+    thread.start()
+    try:
+        assert running.wait(60), f"the backup job never ran: {errors}"
+        vmkit.kill_qemu(vm.name)
+    finally:
+        killed.set()
+        thread.join(120)
+    assert not thread.is_alive()
+    (err,) = errors
+    assert isinstance(err, DomainStopped), repr(err)
+    assert str(err) == "The VM's QEMU process stopped during the backup (libvirt state: shut off)"
+    assert not list(scratch.iterdir())
+    assert list_checkpoints(URI, vm.name) == []
+    assert domain_state(URI, vm.name) == "shut off"
+    monkeypatch.undo()
+
+    vmkit.start_vm(vm.name)
+    assert not job_running(URI, vm.name)
+    full = {f.target: f for f in run_backup(URI, vm.name, BOTH, scratch, "q1", None)}
+    assert data_bytes(full["vda"].path) == 1024 * MiB
+    assert sorted(p.name for p in scratch.iterdir()) == ["q1-vda.qcow2", "q1-vdb.qcow2"]
+    assert list_checkpoints(URI, vm.name) == ["q1"]
