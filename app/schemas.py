@@ -105,21 +105,8 @@ def _check_zone(name: str) -> str:
 
 TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
 
-_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
 GIB = Decimal(1024**3)
 HOURS_PER_MONTH = Decimal(730)
-
-
-def size_human(size_bytes: int | None) -> str | None:
-    """Binary units with decimal-looking names, as control panels show them: 12.4 GB."""
-    if size_bytes is None:
-        return None
-    value = float(size_bytes)
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def backup_costs(size_bytes: int | None, price: Decimal | None) -> tuple[str | None, str | None]:

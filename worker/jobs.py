@@ -32,6 +32,7 @@ from app.engine.workers import is_live
 from app.models import Backup, Instance, Restore, Worker
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
+from app.units import size_human
 from app.values import ACTIVE, BackupStatus
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class JobFailed(Exception):
 def describe(exc: BaseException) -> str:
     """The words an operator reads on the failed backup, restore or verification."""
     if isinstance(exc, StorageFull):
+        if exc.needed is not None and exc.free is not None:
+            return (
+                f"Backup storage is full: about {size_human(exc.needed)} needed, "
+                f"{size_human(exc.free)} free"
+            )
         return "Backup storage is full"
     if isinstance(exc, StorageUnreachable):
         return f"Backup storage is unreachable: {exc}"

@@ -16,7 +16,8 @@ from app.engine.lifecycle import mark_for_deletion
 from app.errors import Conflict, NotFound
 from app.models import Backup, BackupFile, Hypervisor, Instance, Location, User
 from app.queues import JobQueue, enqueue_verify
-from app.schemas import backup_costs, size_human
+from app.schemas import backup_costs
+from app.units import size_human
 from app.values import BackupStatus
 
 BackupRow = tuple[Backup, str, Decimal | None]

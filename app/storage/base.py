@@ -78,7 +78,11 @@ class ObjectNotFound(StorageError):
 
 
 class StorageFull(StorageError):
-    """The storage has no room left for the object."""
+    """The storage has no room left for the object; `needed` and `free` (bytes) when known."""
+
+    def __init__(self, message: str, needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(message)
+        self.needed, self.free = needed, free
 
 
 class BackupStorageDriver(Protocol):

@@ -3,6 +3,7 @@ and what the reaper does with work whose worker vanished."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,14 +75,17 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
         await _point_storage(real_sessionmaker, world, "local", {"path": str(small)}, {})
         backup = await _run_full(worker_ctx, real_sessionmaker, world)
         assert backup.status == "failed"
-        assert backup.error == "Backup storage is full"
+        # 24 MiB of data (plus the OS image's) cannot go into a 4 MiB filesystem.
+        assert re.fullmatch(
+            r"Backup storage is full: about \d+\.\d MB needed, \d+\.\d (KB|MB) free",
+            backup.error or "",
+        ), backup.error
         assert [p for p in small.rglob("*") if p.is_file()] == []
     async with real_sessionmaker() as session:
         policy = await session.get(BackupPolicy, world.policy.id)
         assert policy is not None and policy.status == "error"
-        assert policy.last_error is not None and policy.last_error.endswith(
-            "Backup storage is full"
-        )
+        assert policy.last_error is not None and backup.error is not None
+        assert policy.last_error.endswith(backup.error)
     assert not list(Path(world.hypervisor.scratch_dir).glob("*"))
 
 

@@ -195,7 +195,7 @@ async def _guard_free_space(
         info = await asyncio.to_thread(virt.image_info, Path(disk.source))
         estimate += int(info.get("actual-size") or disk.size_bytes)
     if free < estimate:
-        raise StorageFull(f"{free} bytes free, about {estimate} needed")
+        raise StorageFull(f"{free} bytes free, about {estimate} needed", estimate, free)
 
 
 async def _take(
