@@ -1,5 +1,5 @@
 """The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, demo-vm,
-run-backup, openapi."""
+run-backup, reconcile, openapi."""
 
 from __future__ import annotations
 
@@ -138,6 +138,34 @@ async def _run_backup(backup_id: str) -> None:
     print(result)
 
 
+async def _reconcile(dry_run: bool, window_hours: float) -> int:
+    from datetime import timedelta
+
+    from app.config import get_settings
+    from worker.jobs import Resources
+    from worker.tasks.reconcile import reconcile_all
+
+    res = Resources.open(get_settings(), None)
+    try:
+        results = await reconcile_all(res, timedelta(hours=window_hours), dry_run)
+    finally:
+        await res.close()
+    failed = 0
+    for result in results:
+        if isinstance(result, str):
+            failed += 1
+            print(result)
+            continue
+        print(result.summary() + (" (dry run: nothing changed)" if dry_run else ""))
+        for key in result.deleted:
+            print(f"  {'would delete' if dry_run else 'deleted'} orphan {key}")
+        for key in result.discarded:
+            print(f"  {'would discard' if dry_run else 'discarded'} unfinished upload {key}")
+        for backup_id in result.missing:
+            print(f"  backup {backup_id}: files missing")
+    return 1 if failed else 0
+
+
 async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: int) -> None:
     """A running demo VM on hypervisor 'local', registered as an instance of `email`'s."""
     from sqlalchemy import select
@@ -248,6 +276,24 @@ def main(argv: list[str] | None = None) -> None:
     token.add_argument("--email", required=True)
     token.add_argument("--name", default="cli")
     token.set_defaults(func=lambda a: asyncio.run(_create_token(a.email, a.name)))
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="compare every backup storage with the catalog: delete orphaned objects and "
+        "unfinished uploads, mark backups whose files are missing",
+    )
+    reconcile.add_argument(
+        "--dry-run", action="store_true", help="report what would change, change nothing"
+    )
+    reconcile.add_argument(
+        "--window-hours",
+        type=float,
+        default=24.0,
+        help="leave objects younger than this alone (a job may still be writing them)",
+    )
+    reconcile.set_defaults(
+        func=lambda a: sys.exit(asyncio.run(_reconcile(a.dry_run, a.window_hours)))
+    )
 
     run_backup = sub.add_parser(
         "run-backup", help="run one pending backup now, in this process (for operators)"

@@ -29,6 +29,7 @@ from worker.jobs import RESOURCES, JobContext, Resources
 from worker.tasks.backup import run_backup
 from worker.tasks.control import tick
 from worker.tasks.deletion import delete_backup_files
+from worker.tasks.reconcile import reconcile_storages
 from worker.tasks.restore import run_restore
 from worker.tasks.verify import verify_backup
 
@@ -36,6 +37,7 @@ log = logging.getLogger("ibp.worker")
 BACKUP_TIMEOUT_S = 12 * 3600
 RESTORE_TIMEOUT_S = 12 * 3600
 VERIFY_TIMEOUT_S = 12 * 3600
+RECONCILE_HOURS = {3, 9, 15, 21}  # storages are compared with the catalog four times a day
 DELETE_MAX_TRIES = 1000  # unreachable storage is retried with backoff, never given up silently
 
 
@@ -71,7 +73,16 @@ def _workers(
         def control_worker() -> Worker:
             return Worker(
                 functions=[func(delete_backup_files, max_tries=DELETE_MAX_TRIES, timeout=600)],
-                cron_jobs=[cron(tick, run_at_startup=True, unique=True, timeout=300)],
+                cron_jobs=[
+                    cron(tick, run_at_startup=True, unique=True, timeout=300),
+                    cron(
+                        reconcile_storages,
+                        hour=RECONCILE_HOURS,
+                        minute=23,
+                        unique=True,
+                        timeout=3600,
+                    ),
+                ],
                 queue_name=CONTROL_QUEUE,
                 redis_settings=redis,
                 handle_signals=False,

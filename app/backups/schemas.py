@@ -47,6 +47,12 @@ class BackupRead(BaseModel):
     verified_at: datetime | None
     verify_ok: bool | None
     verify_error: str | None
+    files_missing_at: datetime | None = Field(
+        description="When a check of the backup storage found a file of this backup missing."
+    )
+    restorable: bool = Field(
+        description="Completed, and no file of it or of an earlier point of its chain is missing."
+    )
     files: list[BackupFileRead]
     monthly_cost: str | None = Field(description="Decimal string; null without backup pricing.")
     hourly_cost: str | None = Field(description="monthly_cost / 730, decimal string.")

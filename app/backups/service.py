@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backups.schemas import BackupDeletion, BackupFileRead, BackupRead
@@ -66,8 +67,24 @@ async def to_reads(session: AsyncSession, rows: Sequence[BackupRow]) -> list[Bac
             files[f.backup_id].append(
                 BackupFileRead(disk=f.disk_target, size_bytes=f.size_bytes, sha256=f.sha256)
             )
+    # A point restores only if every file of its chain up to it is there.
+    broken_since: dict[uuid.UUID | None, datetime] = {}
+    chain_ids = {row[0].chain_id for row in rows if row[0].chain_id is not None}
+    if chain_ids:
+        broken_since = dict(
+            (
+                await session.execute(
+                    select(Backup.chain_id, func.min(Backup.created_at))
+                    .where(Backup.chain_id.in_(chain_ids), Backup.files_missing_at.is_not(None))
+                    .group_by(Backup.chain_id)
+                )
+            )
+            .tuples()
+            .all()
+        )
     reads = []
     for backup, instance_name, price in rows:
+        broken = broken_since.get(backup.chain_id) if backup.chain_id else None
         monthly, hourly = backup_costs(backup.size_bytes, price)
         reads.append(
             BackupRead(
@@ -94,6 +111,9 @@ async def to_reads(session: AsyncSession, rows: Sequence[BackupRow]) -> list[Bac
                 verified_at=backup.verified_at,
                 verify_ok=backup.verify_ok,
                 verify_error=backup.verify_error,
+                files_missing_at=backup.files_missing_at,
+                restorable=backup.status == BackupStatus.COMPLETED
+                and (broken is None or broken > backup.created_at),
                 files=files.get(backup.id, []),
                 monthly_cost=monthly,
                 hourly_cost=hourly,

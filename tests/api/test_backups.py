@@ -26,6 +26,8 @@ from tests.factories import (
 
 READ_FIELDS = {
     "id",
+    "files_missing_at",
+    "restorable",
     "instance_id",
     "instance_name",
     "policy_id",
@@ -117,6 +119,7 @@ async def test_backup_read_shape_with_files(
     assert body["size_bytes"] == 3 * 1024**3
     assert body["size_human"] == "3.0 GB"
     assert body["plan_reason"] == "first"
+    assert body["restorable"] is True and body["files_missing_at"] is None
     assert body["files"] == [{"disk": "vda", "size_bytes": 3 * 1024**3, "sha256": "a" * 64}]
     assert "object_key" not in response.text
 
