@@ -28,8 +28,8 @@ from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
-from app.engine.workers import is_live
-from app.models import Backup, Instance, Restore, Worker
+from app.engine.workers import unattended
+from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
 from app.units import size_human
@@ -226,8 +226,8 @@ class Job(Generic[W]):
             row: Any = await session.get(self.model, row_id, with_for_update=True)
             if row is None or row.status != BackupStatus.IN_PROGRESS:
                 return False
-            if row.worker_id is not None and await session.scalar(
-                select(Worker.id).where(Worker.id == row.worker_id, is_live(now()))
+            if not await session.scalar(
+                select(self.model.id).where(self.model.id == row_id, unattended(self.model, now()))
             ):
                 return False
             await self._abandon(session, row)

@@ -20,9 +20,13 @@ from app.models import Backup, Hypervisor, Instance, Restore, Worker
 from app.values import BackupStatus
 
 BEAT_S = 5.0
-LIVE = timedelta(seconds=20)  # a worker not seen for this long is gone
-# Pending work on a hypervisor with no worker seen for this long fails, saying so.
-NO_WORKER_AFTER = timedelta(minutes=2)
+# A worker not seen for this long is gone (unless it said so, or its process is found dead on
+# its host: then at once). Long enough to ride out a short database restart, when no worker
+# can say it is alive.
+GONE_AFTER = timedelta(minutes=2)
+# A job without a worker id (run by `ibp run-backup`, or claimed before workers had ids) is
+# lost when its own heartbeat (every 2 s) is this old.
+HEARTBEAT_LOST = timedelta(seconds=30)
 FORGET_AFTER = timedelta(days=7)  # rows of stopped workers are kept this long, for operators
 
 
@@ -33,8 +37,8 @@ def no_worker(name: str) -> str:
 WORKER_GONE = "The worker stopped during the job; it was cleaned up and the next run retries"
 
 
-def is_live(now: datetime, within: timedelta = LIVE) -> ColumnElement[bool]:
-    return and_(Worker.stopped_at.is_(None), Worker.seen_at > now - within)
+def is_live(now: datetime) -> ColumnElement[bool]:
+    return and_(Worker.stopped_at.is_(None), Worker.seen_at > now - GONE_AFTER)
 
 
 async def register(
@@ -46,7 +50,7 @@ async def register(
     process_alive: Callable[[int], bool],
 ) -> uuid.UUID:
     """A new worker process. Earlier workers on this host whose process is gone are marked
-    stopped at once: their jobs need not wait for LIVE to pass."""
+    stopped at once: their jobs need not wait for GONE_AFTER to pass."""
     earlier = await session.execute(
         select(Worker.id, Worker.pid).where(Worker.host == host, Worker.stopped_at.is_(None))
     )
@@ -72,12 +76,15 @@ async def stop(session: AsyncSession, worker_id: uuid.UUID, now: datetime) -> No
     )
 
 
-def _unattended(model: type[Backup] | type[Restore], now: datetime) -> ColumnElement[bool]:
-    """In progress, and its worker is not a live one."""
+def unattended(model: type[Backup] | type[Restore], now: datetime) -> ColumnElement[bool]:
+    """In progress, and nobody is running it: the one rule for the tick and the workers."""
     live = select(Worker.id).where(is_live(now))
     return and_(
         model.status == BackupStatus.IN_PROGRESS,
-        or_(model.worker_id.is_(None), model.worker_id.not_in(live)),
+        or_(
+            model.worker_id.not_in(live),
+            and_(model.worker_id.is_(None), model.heartbeat_at < now - HEARTBEAT_LOST),
+        ),
     )
 
 
@@ -87,23 +94,20 @@ async def orphaned(
     hypervisor_id: uuid.UUID,
     now: datetime,
 ) -> list[uuid.UUID]:
-    """Rows of `model` in progress on the hypervisor whose worker is gone."""
+    """Rows of `model` in progress on the hypervisor that nobody is running."""
     rows = await session.scalars(
         select(model.id)
         .join(Instance, Instance.id == model.instance_id)
-        .where(Instance.hypervisor_id == hypervisor_id, _unattended(model, now))
+        .where(Instance.hypervisor_id == hypervisor_id, unattended(model, now))
     )
     return list(rows)
 
 
 async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
-    """The tick's part: pending work on a hypervisor no live worker has served for
-    NO_WORKER_AFTER fails saying so, and running work whose worker has been gone that long
-    fails too (the hypervisor's next worker cleans up what it left). The failed rows."""
-    served = select(Worker.hypervisor_id).where(
-        Worker.hypervisor_id.is_not(None), is_live(now, NO_WORKER_AFTER)
-    )
-    alive = select(Worker.id).where(is_live(now, NO_WORKER_AFTER))
+    """The tick's part: pending work on a hypervisor no live worker has served for GONE_AFTER
+    fails saying so, and running work that nobody runs fails too (the hypervisor's next
+    worker cleans up what it left). The failed rows."""
+    served = select(Worker.hypervisor_id).where(Worker.hypervisor_id.is_not(None), is_live(now))
     failed: list[Any] = []
     for model in (Backup, Restore):
         done = {"status": BackupStatus.FAILED, "completed_at": now, "progress": None}
@@ -112,7 +116,7 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
                 update(model)
                 .where(
                     model.status == BackupStatus.PENDING,
-                    model.created_at < now - NO_WORKER_AFTER,
+                    model.created_at < now - GONE_AFTER,
                     model.instance_id == Instance.id,
                     Instance.hypervisor_id == Hypervisor.id,
                     Hypervisor.id.not_in(served),
@@ -124,11 +128,7 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
         failed += (
             await session.scalars(
                 update(model)
-                .where(
-                    model.status == BackupStatus.IN_PROGRESS,
-                    model.worker_id.is_not(None),
-                    model.worker_id.not_in(alive),
-                )
+                .where(unattended(model, now))
                 .values(**done, error=WORKER_GONE)
                 .returning(model)
             )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.workers import NO_WORKER_AFTER, WORKER_GONE, fail_unattended, register
+from app.engine.workers import GONE_AFTER, WORKER_GONE, fail_unattended, register
 from app.models import Hypervisor, Instance
 from tests.factories import create_backup, create_instance, create_user
 
@@ -18,7 +18,7 @@ async def test_work_without_a_live_worker_fails_in_minutes_and_says_why(
     real_sessionmaker: Maker,
 ) -> None:
     now = datetime.now(UTC)
-    later = now + NO_WORKER_AFTER + timedelta(seconds=30)
+    later = now + GONE_AFTER + timedelta(seconds=30)
     async with real_sessionmaker() as session:
         owner = await create_user(session)
         served, unserved, dead = [await create_instance(session, owner) for _ in range(3)]
@@ -53,16 +53,25 @@ async def test_work_without_a_live_worker_fails_in_minutes_and_says_why(
             heartbeat_at=now,
             worker_id=dead_worker,
         )
+        # Without a worker id (`ibp run-backup`, or claimed before the upgrade): its heartbeat.
+        beating = await create_backup(
+            session, served, status="in_progress", completed_at=None, heartbeat_at=later
+        )
+        silent = await create_backup(
+            session, served, status="in_progress", completed_at=None, heartbeat_at=now
+        )
         await session.commit()
         failed = {row.id for row in await fail_unattended(session, later)}
         await session.commit()
-        assert failed == {stranded.id, orphan.id}
+        assert failed == {stranded.id, orphan.id, silent.id}
         for backup, status, error in (
             (waiting, "pending", None),
             (stranded, "failed", f"No worker is running for hypervisor {names[unserved.id]}"),
             (fresh, "pending", None),
             (running, "in_progress", None),
             (orphan, "failed", WORKER_GONE),
+            (beating, "in_progress", None),
+            (silent, "failed", WORKER_GONE),
         ):
             await session.refresh(backup)
             assert (backup.status, backup.error) == (status, error)
