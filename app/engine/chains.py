@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Backup, BackupChain, Restore
-from app.scheduling import FULL_FAILED, RESTORED, Chain, ChainInfo, ChainState
+from app.scheduling import FILES_MISSING, FULL_FAILED, RESTORED, Chain, ChainInfo, ChainState
 from app.values import ACTIVE, BackupStatus, BackupType, RestoreTarget
 
 
@@ -66,6 +66,7 @@ async def chain_states(
     tips: dict[uuid.UUID, tuple[uuid.UUID, str | None, datetime | None]] = {}
     incrementals: dict[uuid.UUID, int] = {}
     chains: dict[uuid.UUID, BackupChain] = {}
+    broken: set[uuid.UUID | None] = set()  # chains with a file found missing
     if chain_ids:
         tip_rows = (
             select(Backup.chain_id, Backup.id, Backup.checkpoint_name, Backup.completed_at)
@@ -92,6 +93,13 @@ async def chain_states(
             select(BackupChain).where(BackupChain.id.in_(chain_ids))
         ):
             chains[chain.id] = chain
+        broken = set(
+            await session.scalars(
+                select(Backup.chain_id).where(
+                    Backup.chain_id.in_(chain_ids), Backup.files_missing_at.is_not(None)
+                )
+            )
+        )
 
     result: dict[uuid.UUID, Chain] = {}
     for instance_id in ids:
@@ -111,6 +119,8 @@ async def chain_states(
         restored_at = restored.get(instance_id)
         if usable and restored_at is not None and (tip_done is None or restored_at > tip_done):
             usable, reason = False, RESTORED
+        if usable and full.chain_id in broken:
+            usable, reason = False, FILES_MISSING
         state = ChainState(incrementals.get(full.chain_id, 0), usable, reason)
         result[instance_id] = Chain(
             state=state,

@@ -143,7 +143,12 @@ async def _require_parent(
             "backups are on another storage; the next run takes a full"
         )
     parent = await session.scalar(select(Backup.status).where(Backup.id == decision.parent_id))
-    if parent != BackupStatus.COMPLETED:
+    missing = await session.scalar(
+        select(Backup.id)
+        .where(Backup.chain_id == decision.chain_id, Backup.files_missing_at.is_not(None))
+        .limit(1)
+    )
+    if parent != BackupStatus.COMPLETED or missing is not None:
         raise ChainUnreachable(
             "The backup this incremental builds on is no longer available; the next run "
             "takes a full"

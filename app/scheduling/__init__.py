@@ -6,6 +6,7 @@ No I/O here: everything is a function of its arguments (property-tested in
 
 from app.scheduling.plan import (
     DEVICE_CHANGED,
+    FILES_MISSING,
     FULL_FAILED,
     NO_POLICY,
     RESTORED,
@@ -42,6 +43,7 @@ from app.values import Frequency, Weekday
 
 __all__ = [
     "DEVICE_CHANGED",
+    "FILES_MISSING",
     "FREQUENCIES",
     "FULL_FAILED",
     "NO_POLICY",

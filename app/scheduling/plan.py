@@ -23,6 +23,7 @@ DEVICE_CHANGED = "backup device setting changed"
 STORAGE_CHANGED = "the hypervisor's backup storage changed"
 RESTORED = "instance was restored from a backup"
 FULL_FAILED = "previous full backup failed"
+FILES_MISSING = "a file of the current chain is missing from the backup storage"
 # Without a policy there is no chain length to respect: every manual backup is a full.
 NO_POLICY = "no backup policy: a manual backup without one is always a full"
 

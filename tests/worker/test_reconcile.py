@@ -14,8 +14,10 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.backups.service import list_statement, to_reads
+from app.engine.chains import chain_states
 from app.engine.storage_access import backup_prefix
 from app.models import Backup, BackupChain, BackupFile, BackupStorage
+from app.scheduling import FILES_MISSING
 from tests.factories import create_backup, create_instance, create_user
 from worker.jobs import Resources
 from worker.tasks.reconcile import reconcile_all
@@ -111,3 +113,9 @@ async def test_reconcile_removes_orphans_keeps_the_referenced_and_marks_the_miss
     assert not reads[last[0].id].restorable  # it builds on the missing point
     async with real_sessionmaker() as session:
         assert (await session.get(Backup, last[0].id)) is not None
+        # Nothing more builds on that chain: the next backup is a full, saying why.
+        state = (await chain_states(session, [instance.id]))[instance.id].state
+        assert state is not None and (state.base_usable, state.reset_reason) == (
+            False,
+            FILES_MISSING,
+        )
