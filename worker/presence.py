@@ -38,6 +38,10 @@ JOBS: tuple[Job[Any], ...] = (BackupJob(), RestoreJob())
 
 
 def process_alive(pid: int) -> bool:
+    """Whether an earlier worker's process (on this host) still runs. Our own pid is an
+    earlier life of this one (a container restarted with the same pid)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
