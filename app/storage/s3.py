@@ -53,6 +53,9 @@ PART_GROWTH_EVERY = 2000
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _FULL_CODES = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"}
+# An abort that fails (the connection dropped mid-upload) is tried again after each pause,
+# ~15 s in all, so a short outage does not leave the parts stored and billed.
+ABORT_RETRY_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8)
 
 
 class S3Driver(BackupStorageDriver):
@@ -256,13 +259,30 @@ class S3Driver(BackupStorageDriver):
     async def _abort(
         self, client: S3Client, s3_key: str, upload_id: str, tasks: set[asyncio.Task[None]]
     ) -> None:
+        """Stop the parts in flight and abort the upload, so its parts are not kept (and
+        billed). A failed abort is tried again after each of ABORT_RETRY_DELAYS; an upload
+        still open after that is swept by the storage reconciler through partial_uploads()
+        and discard()."""
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            await client.abort_multipart_upload(Bucket=self.bucket, Key=s3_key, UploadId=upload_id)
-        except Exception as exc:  # the original error matters more than this one
-            log.warning("could not abort S3 multipart upload %s of %s: %s", upload_id, s3_key, exc)
+        error: Exception | None = None
+        for delay in (0, *ABORT_RETRY_DELAYS):
+            await asyncio.sleep(delay)
+            try:
+                await client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=s3_key, UploadId=upload_id
+                )
+                return
+            except Exception as exc:  # the original error matters more than this one
+                if _upload_gone(exc):
+                    return
+                error = exc
+        log.warning(
+            "could not abort the S3 multipart upload of %s, left for the storage reconciler: %s",
+            s3_key,
+            error,
+        )
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         s3_key = self._key(key)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -12,6 +14,63 @@ from app.storage import ObjectNotFound, StorageUnreachable, get_driver
 from tests.storage import servers
 from tests.storage.payloads import MiB, calling, chunked, failing, payload, read_all, sha256
 from tests.storage.servers import Server
+
+
+class FlakyLink:
+    """A TCP relay on loopback to a server. `cut()` drops every connection and turns new ones
+    away (noting the request line each one sent) until `restore()`, as a network outage would;
+    the server behind keeps its state."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.up = True
+        self.turned_away: list[bytes] = []
+        self._ends: set[asyncio.StreamWriter] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            with contextlib.suppress(Exception):
+                self.turned_away.append(await asyncio.wait_for(reader.readline(), 5))
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(servers.HOST, self.port)
+        ends = {writer, up_writer}
+        self._ends |= ends
+        pipes = [
+            asyncio.create_task(_pipe(reader, up_writer)),
+            asyncio.create_task(_pipe(up_reader, writer)),
+        ]
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for end in ends:
+            end.transport.abort()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        self._ends -= ends
+
+    def cut(self) -> None:
+        self.up = False
+        for end in self._ends:
+            end.transport.abort()
+
+    def restore(self) -> None:
+        self.up = True
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+
+
+@pytest.fixture
+async def flaky_moto(moto_server: Server) -> AsyncIterator[tuple[FlakyLink, dict[str, object]]]:
+    """A link to the moto server that can fail, and a driver config that goes through it."""
+    link = FlakyLink(moto_server.port)
+    relay = await asyncio.start_server(link.serve, servers.HOST, 0)
+    port = relay.sockets[0].getsockname()[1]
+    yield link, {**moto_server.config, "endpoint_url": f"http://{servers.HOST}:{port}"}
+    relay.close()
+    link.cut()
 
 
 @pytest.fixture
@@ -46,6 +105,33 @@ async def test_failed_multipart_upload_is_aborted_on_moto(moto_server: Server, u
 
     uploads = servers.s3_admin(moto_server).list_multipart_uploads(Bucket="backups")
     assert [u for u in uploads.get("Uploads", []) if uid in u["Key"]] == []
+    await driver.close()
+
+
+async def test_abort_failed_by_a_dropped_connection_is_retried_until_it_goes_through(
+    flaky_moto: tuple[FlakyLink, dict[str, object]],
+    moto_server: Server,
+    uid: str,
+) -> None:
+    link, config = flaky_moto
+    driver = get_driver("s3", {**config, "part_size": 5 * MiB})
+    source = calling(payload(30 * MiB, seed=12), at=12 * MiB, action=link.cut)
+    put = asyncio.create_task(driver.put(f"{uid}/vda.qcow2", source))
+
+    async with asyncio.timeout(60):
+        while not any(line.startswith(b"DELETE ") for line in link.turned_away):
+            assert not put.done(), "the upload ended before trying to abort"
+            await asyncio.sleep(0.02)
+    # The first abort was turned away. botocore makes 4 attempts at a call (max_attempts counts
+    # retries) with jittered backoff of at most 1 + 2 + 4 s, which would bridge a shorter
+    # outage on their own; after 8 s, only a retry of the driver's own reaches the server.
+    await asyncio.sleep(8)
+    link.restore()
+
+    with pytest.raises(StorageUnreachable):
+        await put
+    uploads = servers.s3_admin(moto_server).list_multipart_uploads(Bucket="backups")
+    assert [u["Key"] for u in uploads.get("Uploads", []) if uid in u["Key"]] == []
     await driver.close()
 
 
