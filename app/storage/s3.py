@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -56,6 +57,9 @@ _FULL_CODES = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"}
 # An abort that fails (the connection dropped mid-upload) is tried again after each pause,
 # ~15 s in all, so a short outage does not leave the parts stored and billed.
 ABORT_RETRY_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8)
+# A URL's query carries the upload id, the part number or a presigned signature.
+_URL_QUERY = re.compile(r"(\w+://[^\s?#'\"]*)[?#][^\s'\"]*")
+_UPLOAD_ID = re.compile(r"upload[\s_-]?id\s*[=:]\s*['\"]?[\w.~-]+", re.IGNORECASE)
 
 
 class S3Driver(BackupStorageDriver):
@@ -107,7 +111,7 @@ class S3Driver(BackupStorageDriver):
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
-            message = err.get("Message") or code
+            message = _scrub(str(err.get("Message") or code))
             if code == "NoSuchBucket":
                 return StorageUnreachable(
                     f"S3 bucket '{self.bucket}' does not exist at {self._where}"
@@ -122,8 +126,8 @@ class S3Driver(BackupStorageDriver):
                 return StorageFull(f"S3 refused {what}: {code}: {message}")
             return StorageError(f"S3 {doing} of {what} failed: {code}: {message}")
         if isinstance(exc, BotoCoreError | OSError | asyncio.TimeoutError):
-            return StorageUnreachable(f"cannot reach S3 endpoint {self._where}: {exc}")
-        return StorageError(f"S3 {doing} of {what} failed: {exc}")
+            return StorageUnreachable(f"cannot reach S3 endpoint {self._where}: {_scrub(str(exc))}")
+        return StorageError(f"S3 {doing} of {what} failed: {_scrub(str(exc))}")
 
     async def _call(self, doing: str, key: str | None, awaitable: Awaitable[T]) -> T:
         try:
@@ -281,7 +285,7 @@ class S3Driver(BackupStorageDriver):
         log.warning(
             "could not abort the S3 multipart upload of %s, left for the storage reconciler: %s",
             s3_key,
-            error,
+            _scrub(str(error)),
         )
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
@@ -377,6 +381,12 @@ def _upload_gone(exc: Exception) -> bool:
     """The multipart upload no longer exists: aborted or completed already."""
     code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
     return code == "NoSuchUpload"
+
+
+def _scrub(text: str) -> str:
+    """`text` without URL queries or upload ids: operators read it and jobs store it, and it
+    must carry neither a presigned signature nor a handle on a live upload."""
+    return _UPLOAD_ID.sub("upload id (hidden)", _URL_QUERY.sub(r"\1", text))
 
 
 async def _chain(

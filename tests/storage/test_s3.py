@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from app.storage import ObjectNotFound, StorageUnreachable, get_driver
 from tests.storage import servers
@@ -209,6 +210,35 @@ async def test_server_killed_mid_upload_raises_unreachable_and_leaves_nothing(
     finally:
         revived.kill()
         revived.log.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        EndpointConnectionError(
+            endpoint_url="http://127.0.0.1:9000/backups/i/c/b/vda.qcow2?uploadId=2~Qx7-a.b&partNumber=3"
+        ),
+        ConnectionClosedError(
+            endpoint_url="https://backups.s3.amazonaws.com/i/c/b/vda.qcow2?X-Amz-Algorithm=AWS4-HMAC"
+            "-SHA256&X-Amz-Credential=AKIA%2F20250101&X-Amz-Signature=0123abcd"
+        ),
+        ClientError(
+            {"Error": {"Code": "InternalError", "Message": "failed for UploadId: 2~Qx7-a.b"}},
+            "UploadPart",
+        ),
+    ],
+)
+def test_error_texts_carry_no_url_query_and_no_upload_id(error: Exception) -> None:
+    driver = get_driver("s3", servers._s3_config(9000, "backups"))
+
+    text = str(driver._translate(error, "upload of part 3", "i/c/b/vda.qcow2"))
+
+    assert "uploadid" not in text.lower()
+    assert "2~Qx7" not in text
+    assert "X-Amz-" not in text
+    assert "partNumber" not in text
+    if not isinstance(error, ClientError):
+        assert '/i/c/b/vda.qcow2"' in text  # the URL keeps scheme, host and path
 
 
 async def test_get_of_missing_key_names_the_bucket(moto_server: Server, uid: str) -> None:
