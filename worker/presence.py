@@ -32,8 +32,10 @@ from worker.tasks.restore import RestoreJob
 
 log = logging.getLogger(__name__)
 RECOVER_EVERY_S = 30.0
-# Work files of a job: "ibp-<backup id>-<disk>.qcow2" and "restore-<restore id>".
-_WORK_FILE = re.compile(r"^(?:ibp|restore)-([0-9a-f-]{36})")
+# Work files of a job: "ibp-<backup id>-<disk>.qcow2", "restore-<restore id>" and
+# "verify-<backup id>-<hex>" (a verification has no row in progress: one left at a start is a
+# dead worker's; a hypervisor has one worker).
+_WORK_FILE = re.compile(r"^(?:ibp|restore|verify)-([0-9a-f-]{36})")
 JOBS: tuple[Job[Any], ...] = (BackupJob(), RestoreJob())
 
 

@@ -79,6 +79,10 @@ async def test_a_killed_worker_is_cleaned_up_by_the_next_one_within_seconds(
     partial = world.storage_dir / str(world.instance.id) / "c" / str(backup_id)
     partial.mkdir(parents=True)
     (partial / "vda.qcow2.part-0123456789abcdef").write_bytes(b"half an image")
+    # And a verification the killed worker was running: its rebuilt disks.
+    verifying = scratch / f"verify-{backup_id}-0a1b" / "rebuilt"
+    verifying.mkdir(parents=True)
+    (verifying / "vda.qcow2").write_bytes(b"rebuilt image")
 
     second = _start_worker(world)
     try:
@@ -91,7 +95,7 @@ async def test_a_killed_worker_is_cleaned_up_by_the_next_one_within_seconds(
         assert failed.status == "failed"
         assert failed.error is not None and "worker stopped" in failed.error.lower()
         assert not job_running(vm.uri, vm.name)
-        assert not list(scratch.glob("ibp-*"))
+        assert not list(scratch.iterdir())
         assert f"ibp-{backup_id}" not in virt.list_checkpoints(vm.uri, vm.name)
         assert not list(partial.iterdir())
         # A worker told to stop says so: its successor need not wait to know it is gone.
