@@ -47,6 +47,16 @@ class World:
 WorldFactory = Callable[..., Awaitable[World]]
 
 
+def local_storage(root: Path) -> BackupStorage:
+    return BackupStorage(
+        id=uuid.uuid4(),
+        name=f"local-{uuid.uuid4().hex[:6]}",
+        kind="local",
+        config={"path": str(root)},
+        status="unknown",
+    )
+
+
 @pytest.fixture
 def make_world(
     make_vm: VMFactory,  # noqa: F811
@@ -64,13 +74,7 @@ def make_world(
         async with real_sessionmaker() as session:
             user = await create_user(session, timezone="Europe/Paris")
             location = await create_location(session, backup_price_per_gb_month="0.05")
-            storage = BackupStorage(
-                id=uuid.uuid4(),
-                name=f"local-{uuid.uuid4().hex[:6]}",
-                kind="local",
-                config={"path": str(storage_dir)},
-                status="unknown",
-            )
+            storage = local_storage(storage_dir)
             session.add(storage)
             await session.flush()
             hypervisor = Hypervisor(

@@ -16,12 +16,12 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import virt
-from app.models import Backup, BackupChain, BackupFile, BackupPolicy, BackupStorage, Hypervisor
+from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Hypervisor
 from app.scheduling import STORAGE_CHANGED
 from tests.virt import vmkit
 from tests.virt.images import compare_images, job_running
 from tests.virt.vmkit import MiB
-from tests.worker.conftest import World
+from tests.worker.conftest import World, local_storage
 from worker.jobs import JobContext
 from worker.tasks.backup import run_backup
 
@@ -340,13 +340,7 @@ async def _move_to_new_storage(maker: Maker, world: World, root: Path) -> uuid.U
     """What an administrator does: a new storage, and the hypervisor pointed at it."""
     root.mkdir()
     async with maker() as session:
-        storage = BackupStorage(
-            id=uuid.uuid4(),
-            name=f"moved-{uuid.uuid4().hex[:6]}",
-            kind="local",
-            config={"path": str(root)},
-            status="unknown",
-        )
+        storage = local_storage(root)
         session.add(storage)
         await session.flush()
         await session.execute(

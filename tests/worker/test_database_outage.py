@@ -4,6 +4,7 @@ recorded once the database is back (the bytes are already safe), never orphaned.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import datetime
 
 from sqlalchemy import select
@@ -21,10 +22,18 @@ from worker.tasks.backup import run_backup
 Maker = async_sessionmaker[AsyncSession]
 
 
-async def _started(world: World, job: asyncio.Task[str]) -> None:
+async def _slow_backup(
+    world: World, ctx: JobContext, maker: Maker, pattern: int
+) -> tuple[uuid.UUID, asyncio.Task[str]]:
+    """A full backup running in a task, its libvirt job slowed so it outlasts what follows."""
+    vmkit.write_pattern(world.vm.name, "vda", pattern, 0, 48 * MiB)
+    backup_id = await _pending(maker, world, "full")
+    job = asyncio.create_task(run_backup(ctx, str(backup_id)))
     while not _job_running(world.vm):
         assert not job.done(), await job
         await asyncio.sleep(0.01)
+    vmkit.throttle_block_jobs(world.vm.name, 1 * MiB)
+    return backup_id, job
 
 
 async def test_the_heartbeat_survives_a_database_outage(
@@ -34,11 +43,7 @@ async def test_the_heartbeat_survives_a_database_outage(
     committed_engine: AsyncEngine,
 ) -> None:
     vm = world.vm
-    vmkit.write_pattern(vm.name, "vda", 0x42, 0, 48 * MiB)
-    backup_id = await _pending(real_sessionmaker, world, "full")
-    job = asyncio.create_task(run_backup(worker_ctx, str(backup_id)))
-    await _started(world, job)
-    vmkit.throttle_block_jobs(vm.name, 1 * MiB)  # keeps running through the outage
+    backup_id, job = await _slow_backup(world, worker_ctx, real_sessionmaker, 0x42)
     await cut_database()
     try:
         await asyncio.sleep(3 * HEARTBEAT_S)
@@ -66,11 +71,7 @@ async def test_an_outage_at_the_end_is_waited_out_and_the_backup_recorded(
 ) -> None:
     """The libvirt job and the upload end while PostgreSQL is away: recording waits for it."""
     vm = world.vm
-    vmkit.write_pattern(vm.name, "vda", 0x43, 0, 48 * MiB)
-    backup_id = await _pending(real_sessionmaker, world, "full")
-    job = asyncio.create_task(run_backup(worker_ctx, str(backup_id)))
-    await _started(world, job)
-    vmkit.throttle_block_jobs(vm.name, 1 * MiB)
+    backup_id, job = await _slow_backup(world, worker_ctx, real_sessionmaker, 0x43)
     await cut_database()
     try:
         vmkit.throttle_block_jobs(vm.name, 0)
