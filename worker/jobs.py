@@ -40,6 +40,7 @@ HEARTBEAT_S = 2.0  # progress reaches the API at least this often
 # A job's outcome is written until PostgreSQL takes it: tried again at these growing intervals.
 RECORD_RETRY_FIRST_S = 0.5
 RECORD_RETRY_MAX_S = 5.0
+STOPPING_RECORD_S = 10.0  # how long a cancelled job tries to record its interruption
 RESOURCES = "ibp"  # the key of our Resources in arq's job context
 # arq's job context: its own fields (job_try, redis, ...) and ours under RESOURCES.
 JobContext = dict[str, Any]
@@ -168,10 +169,15 @@ class Job(Generic[W]):
                 async with res.session() as session:
                     await self.fail(session, rid, message)
 
-            await until_recorded(f"{self.name} {row_id}: recording the failure", record)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: arq must see it
-            return f"failed: {message}"
+            recording = until_recorded(f"{self.name} {row_id}: recording the failure", record)
+            if isinstance(exc, Exception):
+                await recording
+                return f"failed: {message}"
+            # Cancelled (the worker stopping): a stop must not hang on a database outage; a
+            # row left in progress is recovered by the hypervisor's next worker.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recording, STOPPING_RECORD_S)
+            raise  # arq must see the cancellation
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
