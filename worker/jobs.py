@@ -28,6 +28,7 @@ from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
+from app.engine.words import Words
 from app.engine.workers import unattended
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
@@ -85,25 +86,49 @@ def resources(ctx: JobContext) -> Resources:
 
 
 class JobFailed(Exception):
-    """A failure already phrased for the operator."""
+    """A failure already phrased for the operator; `user`: the owner's words, when the
+    operator's name infrastructure."""
+
+    def __init__(self, message: str, user: str | None = None) -> None:
+        super().__init__(message)
+        self.user = user
 
 
-def describe(exc: BaseException) -> str:
-    """The words an operator reads on the failed backup, restore or verification."""
+# libvirt failures that speak of the owner's VM only: both views read them as they are.
+_VM_ONLY = (
+    virt.DomainNotRunning,
+    virt.DomainStopped,
+    virt.DomainNotFound,
+    virt.DiskBusy,
+    virt.CheckpointBroken,
+    virt.BackupAborted,
+)
+
+
+def describe(exc: BaseException) -> Words:
+    """The words a failed backup, restore or verification records, in both views."""
     if isinstance(exc, StorageFull):
         if exc.needed is not None and exc.free is not None:
-            return (
+            return Words(
+                "Backup storage is full",
                 f"Backup storage is full: about {size_human(exc.needed)} needed, "
-                f"{size_human(exc.free)} free"
+                f"{size_human(exc.free)} free",
             )
-        return "Backup storage is full"
+        return Words("Backup storage is full", f"Backup storage is full: {exc}")
     if isinstance(exc, StorageUnreachable):
-        return f"Backup storage is unreachable: {exc}"
+        return Words("Backup storage is unreachable", f"Backup storage is unreachable: {exc}")
     if isinstance(exc, StorageError):
-        return f"Backup storage error: {exc}"
-    if isinstance(exc, virt.VirtError | JobFailed | ChainError | NotRecorded):
-        return str(exc)
-    return f"Unexpected error ({type(exc).__name__}): {exc}"
+        return Words("Backup storage error", f"Backup storage error: {exc}")
+    if isinstance(exc, _VM_ONLY | ChainError | NotRecorded):
+        return Words(str(exc))
+    if isinstance(exc, JobFailed):
+        return Words(exc.user or str(exc), str(exc))
+    if isinstance(exc, virt.VirtError):
+        return Words("The hypervisor reported an error", str(exc))
+    return Words(
+        "An unexpected error occurred; the operators can see what it was",
+        f"Unexpected error ({type(exc).__name__}): {exc}",
+    )
 
 
 # Failures of the outside world, described without a traceback in the log.
@@ -161,18 +186,18 @@ class Job(Generic[W]):
                 work = await self.load(session, rid)
             return await self.execute(res, work, progress)
         except BaseException as exc:
-            message = describe(exc) if isinstance(exc, Exception) else self.interrupted
+            words = describe(exc) if isinstance(exc, Exception) else Words(self.interrupted)
             if not isinstance(exc, EXPECTED):
                 log.exception("%s %s failed", self.name, row_id)
 
             async def record() -> None:
                 async with res.session() as session:
-                    await self.fail(session, rid, message)
+                    await self.fail(session, rid, words)
 
             recording = until_recorded(f"{self.name} {row_id}: recording the failure", record)
             if isinstance(exc, Exception):
                 await recording
-                return f"failed: {message}"
+                return f"failed: {words.operator or words.user}"
             # Cancelled (the worker stopping): a stop must not hang on a database outage; a
             # row left in progress is recovered by the hypervisor's next worker.
             with contextlib.suppress(TimeoutError):
@@ -241,15 +266,17 @@ class Job(Generic[W]):
 
     async def _abandon(self, session: AsyncSession, row: Any) -> None:
         await self.recover(session, row)
-        await self.fail(session, row.id, self.interrupted)
+        await self.fail(session, row.id, Words(self.interrupted))
 
-    async def fail(self, session: AsyncSession, row_id: uuid.UUID, message: str) -> Any:
+    async def fail(self, session: AsyncSession, row_id: uuid.UUID, words: Words) -> Any:
         """Mark the row failed (if it still is pending or in progress); the failed row or None."""
         model = self.model
         return await session.scalar(
             update(model)
             .where(model.id == row_id, model.status.in_(ACTIVE))
-            .values(status=BackupStatus.FAILED, error=message, completed_at=now(), progress=None)
+            .values(
+                status=BackupStatus.FAILED, completed_at=now(), progress=None, **words.columns()
+            )
             .returning(model)
         )
 

@@ -35,7 +35,7 @@ async def list_for_instance(
     instance = await get_instance(session, user, instance_id)
     stmt = service.list_statement(user, instance_id=instance.id, status=status_, type_=type_)
     rows, total = await fetch_page(session, stmt, page)
-    items = await service.to_reads(session, rows)
+    items = await service.to_reads(session, user, rows)
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)
 
 

@@ -39,7 +39,11 @@ class BackupRead(BaseModel):
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    error: str | None
+    error: str | None = Field(description="Why it failed, in words for the instance's owner.")
+    error_detail: str | None = Field(
+        description="Admins only (null for others): the operator's detail, with the "
+        "infrastructure named, when it says more than `error`."
+    )
     plan_reason: str | None = Field(description="Why this backup is a full or an incremental.")
     chain_reset_reason: str | None = Field(
         description="Set when a full had to start a new chain (lost checkpoint, disk change...)."
@@ -47,6 +51,7 @@ class BackupRead(BaseModel):
     verified_at: datetime | None
     verify_ok: bool | None
     verify_error: str | None
+    verify_error_detail: str | None = Field(description="Admins only, as `error_detail`.")
     files_missing_at: datetime | None = Field(
         description="When a check of the backup storage found a file of this backup missing."
     )

@@ -57,7 +57,10 @@ def list_statement(
     return stmt.order_by(Backup.created_at.desc(), Backup.id.desc())
 
 
-async def to_reads(session: AsyncSession, rows: Sequence[BackupRow]) -> list[BackupRead]:
+async def to_reads(
+    session: AsyncSession, viewer: User, rows: Sequence[BackupRow]
+) -> list[BackupRead]:
+    """`viewer` is who reads: only admins get the operator's detail of an error."""
     ids = [row[0].id for row in rows]
     files: dict[uuid.UUID, list[BackupFileRead]] = defaultdict(list)
     if ids:
@@ -106,11 +109,15 @@ async def to_reads(session: AsyncSession, rows: Sequence[BackupRow]) -> list[Bac
                 started_at=backup.started_at,
                 completed_at=backup.completed_at,
                 error=backup.error,
+                error_detail=(backup.error_detail or backup.error) if viewer.is_admin else None,
                 plan_reason=backup.plan_reason,
                 chain_reset_reason=backup.chain_reset_reason,
                 verified_at=backup.verified_at,
                 verify_ok=backup.verify_ok,
                 verify_error=backup.verify_error,
+                verify_error_detail=(backup.verify_error_detail or backup.verify_error)
+                if viewer.is_admin
+                else None,
                 files_missing_at=backup.files_missing_at,
                 restorable=backup.status == BackupStatus.COMPLETED
                 and (broken is None or broken > backup.created_at),
@@ -130,7 +137,7 @@ async def get_backup_row(session: AsyncSession, user: User, backup_id: uuid.UUID
 
 
 async def read_backup(session: AsyncSession, user: User, backup_id: uuid.UUID) -> BackupRead:
-    return (await to_reads(session, [await get_backup_row(session, user, backup_id)]))[0]
+    return (await to_reads(session, user, [await get_backup_row(session, user, backup_id)]))[0]
 
 
 async def dependants_of(session: AsyncSession, backup: Backup) -> list[Backup]:
@@ -187,4 +194,4 @@ async def request_verify(
     )
     assert hypervisor_id is not None
     enqueue_verify(jobs, backup.id, hypervisor_id)
-    return (await to_reads(session, [row]))[0]
+    return (await to_reads(session, user, [row]))[0]

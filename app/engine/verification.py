@@ -10,6 +10,7 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from app.engine.words import Words
 from app.models import Backup, Instance
 from app.values import BackupStatus
 
@@ -49,19 +50,23 @@ async def record_verification(
     session: AsyncSession,
     backup_id: uuid.UUID,
     now: datetime,
-    error: str | None,
+    error: Words | None,
     culprit: uuid.UUID | None = None,
 ) -> None:
     """The verified backup gets the outcome; a corrupt chain member is marked bad as well,
     so a backup once verified good is never silently kept as good."""
+    if error is None:
+        columns: dict[str, str | None] = {"verify_error": None, "verify_error_detail": None}
+    else:
+        columns = error.columns("verify_error")
     await session.execute(
         update(Backup)
         .where(Backup.id == backup_id)
-        .values(verified_at=now, verify_ok=error is None, verify_error=error)
+        .values(verified_at=now, verify_ok=error is None, **columns)
     )
     if error is not None and culprit is not None and culprit != backup_id:
         await session.execute(
             update(Backup)
             .where(Backup.id == culprit)
-            .values(verified_at=now, verify_ok=False, verify_error=error)
+            .values(verified_at=now, verify_ok=False, **columns)
         )

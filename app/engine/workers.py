@@ -31,7 +31,11 @@ FORGET_AFTER = timedelta(days=7)  # rows of stopped workers are kept this long, 
 
 
 def no_worker(name: str) -> str:
+    """The operator's words; the owner reads NO_WORKER (no hypervisor name)."""
     return f"No worker is running for hypervisor {name}"
+
+
+NO_WORKER = "No backup worker is running for this instance's hypervisor; the operators are told"
 
 
 WORKER_GONE = "The worker stopped during the job; it was cleaned up and the next run retries"
@@ -121,7 +125,9 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
                     Instance.hypervisor_id == Hypervisor.id,
                     Hypervisor.id.not_in(served),
                 )
-                .values(**done, error=literal(no_worker("")) + Hypervisor.name)
+                .values(
+                    **done, error=NO_WORKER, error_detail=literal(no_worker("")) + Hypervisor.name
+                )
                 .returning(model)
             )
         ).all()

@@ -75,7 +75,8 @@ class Backup(IdMixin, Base):
     checkpoint_name: Mapped[str | None] = mapped_column(String(200))
     plan_reason: Mapped[str | None] = mapped_column(Text)
     chain_reset_reason: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # what the owner reads
+    error_detail: Mapped[str | None] = mapped_column(Text)  # what an admin reads, when more
     storage_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("backup_storages.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
@@ -84,6 +85,7 @@ class Backup(IdMixin, Base):
     verified_at: Mapped[datetime | None] = mapped_column()
     verify_ok: Mapped[bool | None] = mapped_column()
     verify_error: Mapped[str | None] = mapped_column(Text)
+    verify_error_detail: Mapped[str | None] = mapped_column(Text)
     # The worker process that runs (or ran) it: a row whose worker is gone is failed and
     # cleaned up, not left until a timeout.
     worker_id: Mapped[uuid.UUID | None] = mapped_column()

@@ -39,7 +39,8 @@ class Restore(IdMixin, Base):
     target: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=RestoreStatus.PENDING)
     progress: Mapped[int | None] = mapped_column(SmallInteger)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # what the owner reads
+    error_detail: Mapped[str | None] = mapped_column(Text)  # what an admin reads, when more
     # new_disk: where each restored disk was written, {"vda": "/path/...qcow2"}.
     result: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -162,5 +162,5 @@ async def list_backups(
     policy = await service.get_policy(session, user, policy_id)
     stmt = backups.list_statement(user, policy_id=policy.id, status=status_, type_=type_)
     rows, total = await fetch_page(session, stmt, page)
-    items = await backups.to_reads(session, rows)
+    items = await backups.to_reads(session, user, rows)
     return Page(items=items, total=total, limit=page.limit, offset=page.offset)

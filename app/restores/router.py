@@ -30,12 +30,12 @@ async def create(
     jobs: JobQueueDep,
 ) -> RestoreRead:
     restore = await service.start_restore(session, user, backup_id, payload.target, jobs)
-    return RestoreRead.model_validate(restore)
+    return service.to_read(restore, user)
 
 
 @router.get("/restores/{restore_id}", name="read", summary="Read a restore")
 async def read(restore_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> RestoreRead:
-    return RestoreRead.model_validate(await service.get_restore(session, user, restore_id))
+    return service.to_read(await service.get_restore(session, user, restore_id), user)
 
 
 @router.get(
@@ -48,5 +48,5 @@ async def list_for_instance(
 ) -> Page[RestoreRead]:
     instance = await get_instance(session, user, instance_id)
     return await page_of(
-        session, service.list_statement(user, instance.id), page, RestoreRead.model_validate
+        session, service.list_statement(user, instance.id), page, lambda r: service.to_read(r, user)
     )

@@ -25,7 +25,12 @@ class RestoreRead(Schema):
     target: RestoreTarget
     status: RestoreStatus
     progress: int | None = Field(description="0-100 while in progress.")
-    error: str | None
+    error: str | None = Field(description="Why it failed, in words for the instance's owner.")
+    error_detail: str | None = Field(
+        default=None,
+        description="Admins only (null for others): the operator's detail, with the "
+        "infrastructure named, when it says more than `error`.",
+    )
     result: dict[str, str] = Field(
         description="new_disk: where each restored disk was written, e.g. {'vda': '/path'}."
     )

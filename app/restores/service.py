@@ -14,6 +14,7 @@ from app.errors import Conflict, NotFound
 from app.instances.service import get_instance
 from app.models import Instance, Restore, User
 from app.queues import JobQueue, enqueue_restore
+from app.restores.schemas import RestoreRead
 from app.values import BackupStatus, InstanceStatus, RestoreStatus, RestoreTarget
 
 
@@ -72,3 +73,9 @@ async def start_restore(
     await session.flush()
     enqueue_restore(jobs, restore.id, instance.hypervisor_id)
     return restore
+
+
+def to_read(restore: Restore, viewer: User) -> RestoreRead:
+    """Only admins read the operator's detail of an error."""
+    detail = (restore.error_detail or restore.error) if viewer.is_admin else None
+    return RestoreRead.model_validate(restore).model_copy(update={"error_detail": detail})

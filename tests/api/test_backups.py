@@ -28,6 +28,8 @@ READ_FIELDS = {
     "id",
     "files_missing_at",
     "restorable",
+    "error_detail",
+    "verify_error_detail",
     "instance_id",
     "instance_name",
     "policy_id",

@@ -64,6 +64,7 @@ async def test_new_disk_restore_is_accepted_listed_and_read(
         "status",
         "progress",
         "error",
+        "error_detail",
         "result",
         "created_at",
         "started_at",
@@ -287,3 +288,25 @@ async def test_with_redis_down_backup_now_is_still_accepted_and_verify_is_a_503(
         assert refused.headers["retry-after"] == "5"
     finally:
         await app.state.arq.aclose()
+
+
+async def test_a_failed_restore_reads_in_two_views(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """The owner reads what happened; only an admin reads where (hosts, hypervisor names)."""
+    _, headers, instance = await _owned(session)
+    _, admin = await admin_with_headers(session)
+    failed = await create_restore(
+        session,
+        instance,
+        status="failed",
+        error="Backup storage is unreachable",
+        error_detail="Backup storage is unreachable: cannot reach S3 endpoint http://10.0.0.5:9000",
+    )
+    urls = (f"/restores/{failed.id}", f"/instances/{instance.id}/restores")
+    mine = [(await client.get(url, headers=headers)).json() for url in urls]
+    theirs = [(await client.get(url, headers=admin)).json() for url in urls]
+    for read in (mine[0], mine[1]["items"][0]):
+        assert (read["error"], read["error_detail"]) == ("Backup storage is unreachable", None)
+    for read in (theirs[0], theirs[1]["items"][0]):
+        assert read["error_detail"] == failed.error_detail

@@ -8,15 +8,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from arq import Retry
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.config import Settings
 from app.engine.lifecycle import NEVER_STARTED, WORKER_LOST, reap_stale
+from app.main import create_app
 from app.models import Backup, BackupFile, BackupPolicy, BackupStorage
 from app.security import secret_box
-from tests.factories import create_backup, create_instance, create_user
+from tests.factories import (
+    auth_headers,
+    create_admin,
+    create_backup,
+    create_instance,
+    create_user,
+)
 from tests.storage.conftest import mounted_tmpfs
 from tests.storage.servers import free_port
 from tests.virt import vmkit
@@ -75,11 +84,13 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
         await _point_storage(real_sessionmaker, world, "local", {"path": str(small)}, {})
         backup = await _run_full(worker_ctx, real_sessionmaker, world)
         assert backup.status == "failed"
-        # 24 MiB of data (plus the OS image's) cannot go into a 4 MiB filesystem.
+        assert backup.error == "Backup storage is full"
+        # 24 MiB of data (plus the OS image's) cannot go into a 4 MiB filesystem: the
+        # operator reads how much was needed and how much was free.
         assert re.fullmatch(
             r"Backup storage is full: about \d+\.\d MB needed, \d+\.\d (KB|MB) free",
-            backup.error or "",
-        ), backup.error
+            backup.error_detail or "",
+        ), backup.error_detail
         assert [p for p in small.rglob("*") if p.is_file()] == []
     async with real_sessionmaker() as session:
         policy = await session.get(BackupPolicy, world.policy.id)
@@ -89,8 +100,8 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
     assert not list(Path(world.hypervisor.scratch_dir).glob("*"))
 
 
-async def test_backup_to_an_unreachable_storage_says_why(
-    world: World, worker_ctx: JobContext, real_sessionmaker: Maker
+async def test_backup_to_an_unreachable_storage_says_why_in_two_views(
+    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, settings: Settings
 ) -> None:
     port = free_port()  # nothing listens there
     await _point_storage(
@@ -102,9 +113,28 @@ async def test_backup_to_an_unreachable_storage_says_why(
     )
     backup = await _run_full(worker_ctx, real_sessionmaker, world)
     assert backup.status == "failed"
-    assert backup.error is not None
-    assert backup.error.startswith("Backup storage is unreachable: ")
-    assert str(port) in backup.error or "refused" in backup.error.lower()
+    # Two views: the owner is told what happened, an admin also where.
+    assert backup.error == "Backup storage is unreachable"
+    assert backup.error_detail is not None
+    assert backup.error_detail.startswith("Backup storage is unreachable: ")
+    assert "127.0.0.1" in backup.error_detail and str(port) in backup.error_detail
+    async with real_sessionmaker() as session:
+        owner = await auth_headers(session, world.user)
+        admin = await auth_headers(session, await create_admin(session))
+        policy = await session.get(BackupPolicy, world.policy.id)
+        await session.commit()
+    assert policy is not None and policy.last_error == f"{world.instance.name}: {backup.error}"
+    app = create_app(settings)
+    app.state.sessionmaker = real_sessionmaker
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1") as client:
+        mine = (await client.get(f"/backups/{backup.id}", headers=owner)).json()
+        theirs = (await client.get(f"/backups/{backup.id}", headers=admin)).json()
+        listed = (await client.get(f"/instances/{world.instance.id}/backups", headers=owner)).json()
+    assert (mine["error"], mine["error_detail"]) == ("Backup storage is unreachable", None)
+    assert listed["items"][0]["error_detail"] is None
+    assert "127.0.0.1" not in str(mine) and str(port) not in str(mine)
+    assert (theirs["error"], theirs["error_detail"]) == (backup.error, backup.error_detail)
 
 
 async def test_deletion_keeps_the_row_and_retries_while_storage_is_unreachable(

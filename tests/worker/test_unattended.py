@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.workers import GONE_AFTER, WORKER_GONE, fail_unattended, register
+from app.engine.workers import GONE_AFTER, NO_WORKER, WORKER_GONE, fail_unattended, register
 from app.models import Hypervisor, Instance
 from tests.factories import create_backup, create_instance, create_user
 
@@ -64,14 +64,15 @@ async def test_work_without_a_live_worker_fails_in_minutes_and_says_why(
         failed = {row.id for row in await fail_unattended(session, later)}
         await session.commit()
         assert failed == {stranded.id, orphan.id, silent.id}
-        for backup, status, error in (
-            (waiting, "pending", None),
-            (stranded, "failed", f"No worker is running for hypervisor {names[unserved.id]}"),
-            (fresh, "pending", None),
-            (running, "in_progress", None),
-            (orphan, "failed", WORKER_GONE),
-            (beating, "in_progress", None),
-            (silent, "failed", WORKER_GONE),
+        stranded_words = (NO_WORKER, f"No worker is running for hypervisor {names[unserved.id]}")
+        for backup, status, (error, detail) in (
+            (waiting, "pending", (None, None)),
+            (stranded, "failed", stranded_words),
+            (fresh, "pending", (None, None)),
+            (running, "in_progress", (None, None)),
+            (orphan, "failed", (WORKER_GONE, None)),
+            (beating, "in_progress", (None, None)),
+            (silent, "failed", (WORKER_GONE, None)),
         ):
             await session.refresh(backup)
-            assert (backup.status, backup.error) == (status, error)
+            assert (backup.status, backup.error, backup.error_detail) == (status, error, detail)

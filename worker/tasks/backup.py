@@ -23,6 +23,7 @@ from app import virt
 from app.engine.chains import Busy, chain_states
 from app.engine.lifecycle import StoredFile, record_completion, record_failure
 from app.engine.storage_access import backup_prefix, open_driver
+from app.engine.words import Words
 from app.models import Backup, Hypervisor, Instance
 from app.queues import JobQueue
 from app.scheduling import Chain, Decision, decide
@@ -51,16 +52,18 @@ class BackupJob(Job[Work]):
     name = "backup"
     interrupted = INTERRUPTED
 
-    async def fail(self, session: AsyncSession, row_id: uuid.UUID, message: str) -> Any:
-        failed = await super().fail(session, row_id, message)
-        if failed is not None and message != OVERLAP:
-            await record_failure(session, failed, message, now())
+    async def fail(self, session: AsyncSession, row_id: uuid.UUID, words: Words) -> Any:
+        failed = await super().fail(session, row_id, words)
+        if failed is not None and words.user != OVERLAP:
+            await record_failure(session, failed, words.user, now())
         return failed
 
     async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
         # Two backups queued at once (a slot and Backup now): the disks take one job at a
         # time, and the second is skipped, not an error of the policy.
-        await self.fail(session, row_id, RESTORE_RUNNING if work.kind == "restore" else OVERLAP)
+        await self.fail(
+            session, row_id, Words(RESTORE_RUNNING if work.kind == "restore" else OVERLAP)
+        )
 
     async def recover(self, session: AsyncSession, row: Any) -> None:
         instance = await session.get(Instance, row.instance_id)
@@ -114,7 +117,10 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     backup, instance, hv = work.backup, work.instance, work.hypervisor
     uri, domain = hv.libvirt_uri, instance.domain_name
     if hv.backup_storage_id is None:
-        raise JobFailed(f"Hypervisor {hv.name} has no backup storage configured")
+        raise JobFailed(
+            f"Hypervisor {hv.name} has no backup storage configured",
+            user="No backup storage is configured for this instance's hypervisor",
+        )
     state = await asyncio.to_thread(virt.domain_state, uri, domain)
     if state != "running":
         raise virt.DomainNotRunning(state)

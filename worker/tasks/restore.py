@@ -24,6 +24,7 @@ from app import virt
 from app.engine.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, remove_tree
 from app.engine.chains import Busy
 from app.engine.storage_access import open_driver
+from app.engine.words import Words
 from app.models import Hypervisor, Instance, Restore
 from app.storage.files import fsync_path
 from app.values import RestoreStatus, RestoreTarget
@@ -58,7 +59,7 @@ class RestoreJob(Job[Work]):
     interrupted = INTERRUPTED
 
     async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
-        await self.fail(session, row_id, BACKUP_RUNNING)
+        await self.fail(session, row_id, Words(BACKUP_RUNNING))
 
     async def recover(self, session: AsyncSession, row: Any) -> None:
         instance = await session.get(Instance, row.instance_id)

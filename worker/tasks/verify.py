@@ -21,6 +21,7 @@ from app import virt
 from app.engine.chain_fetch import ChainError, load_chain, rebuild, remove_tree
 from app.engine.storage_access import open_driver
 from app.engine.verification import record_verification
+from app.engine.words import Words
 from app.models import Backup, Hypervisor, Instance
 from app.storage.base import StorageError
 from app.values import BackupStatus
@@ -44,11 +45,11 @@ class VerifyJob(Job[Work]):
             status = await session.scalar(select(Backup.status).where(Backup.id == row_id))
         return status == BackupStatus.COMPLETED
 
-    async def fail(self, session: AsyncSession, row_id: uuid.UUID, message: str) -> Any:
+    async def fail(self, session: AsyncSession, row_id: uuid.UUID, words: Words) -> Any:
         # Not proven corrupt, but not proven good either: never leave it looking verified.
-        if not message.startswith("Could not verify"):
-            message = f"Could not verify: {message}"
-        await record_verification(session, row_id, now(), message)
+        if not words.user.startswith("Could not verify"):
+            words = words.prefixed("Could not verify: ")
+        await record_verification(session, row_id, now(), words)
 
     async def load(self, session: AsyncSession, row_id: uuid.UUID) -> Work:
         scratch_dir = await session.scalar(
@@ -62,7 +63,7 @@ class VerifyJob(Job[Work]):
         return Work(row_id, work_dir)
 
     async def execute(self, res: Resources, work: Work, progress: Progress) -> str:
-        error: str | None = None
+        error: Words | None = None
         culprit: uuid.UUID | None = None
         try:
             async with res.session() as session:
@@ -77,12 +78,12 @@ class VerifyJob(Job[Work]):
             finally:
                 await driver.close()
         except ChainError as exc:
-            error, culprit = str(exc), exc.backup_id
+            error, culprit = Words(str(exc)), exc.backup_id
         except (StorageError, virt.VirtError, LookupError) as exc:
-            error = f"Could not verify: {describe(exc)}"
+            error = describe(exc).prefixed("Could not verify: ")
         async with res.session() as session:
             await record_verification(session, work.backup_id, now(), error, culprit)
-        return "ok" if error is None else f"failed: {error}"
+        return "ok" if error is None else f"failed: {error.operator or error.user}"
 
     async def cleanup(self, work: Work) -> None:
         await asyncio.to_thread(remove_tree, work.work_dir)
