@@ -61,6 +61,12 @@ class InstanceUpdate(RequestBody):
     owner_id: uuid.UUID | None = Field(
         default=None, description="Changing the owner detaches the instance from its policy."
     )
+    transfer_backups: bool = Field(
+        default=False,
+        description="Required (true) to change the owner of an instance that has backups: "
+        "they go with it to the new owner, who can then read and restore them. Without it the "
+        "change is refused (409); delete the backups first to hand over the instance alone.",
+    )
     hypervisor_id: uuid.UUID | None = None
     domain_name: str | None = Field(
         default=None, min_length=1, max_length=200, pattern=r"^[^\s/\x00]+$"

@@ -83,10 +83,17 @@ async def create_instance(session: AsyncSession, payload: InstanceCreate) -> Ins
 async def update_instance(
     session: AsyncSession, instance: Instance, payload: InstanceUpdate
 ) -> Instance:
-    changes = payload.model_dump(exclude_unset=True, exclude={"disks"})
+    changes = payload.model_dump(exclude_unset=True, exclude={"disks", "transfer_backups"})
     changes = {k: v for k, v in changes.items() if v is not None}
     await _check_refs(session, changes.get("owner_id"), changes.get("hypervisor_id"))
     if "owner_id" in changes and changes["owner_id"] != instance.owner_id:
+        # Backups hold the previous owner's data as it was: they change hands only on purpose.
+        backups = await _backup_count(session, instance)
+        if backups and not payload.transfer_backups:
+            raise Conflict(
+                f"The instance has {backups} backup(s), which would pass to the new owner; "
+                "send transfer_backups: true to hand them over too, or delete them first"
+            )
         instance.backup_policy_id = None  # a policy never covers someone else's instance
     for key, value in changes.items():
         setattr(instance, key, value)
@@ -102,10 +109,15 @@ async def update_instance(
     return instance
 
 
-async def delete_instance(session: AsyncSession, instance: Instance) -> None:
-    backups = await session.scalar(
+async def _backup_count(session: AsyncSession, instance: Instance) -> int:
+    count = await session.scalar(
         select(func.count()).select_from(Backup).where(Backup.instance_id == instance.id)
     )
+    return count or 0
+
+
+async def delete_instance(session: AsyncSession, instance: Instance) -> None:
+    backups = await _backup_count(session, instance)
     if backups:
         raise Conflict(f"Instance still has {backups} backup(s); delete them first")
     await session.delete(instance)

@@ -593,6 +593,35 @@ async def test_changing_instance_owner_detaches_it_from_its_policy(
     assert response.json()["backup_policy_id"] is None
 
 
+async def test_an_instance_with_backups_changes_owner_only_with_its_backups_on_purpose(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """Backups hold the previous owner's data as it was: without transfer_backups the change
+    is refused and the new owner sees nothing; with it, the backups go along."""
+    from tests.factories import create_backup
+
+    _, admin = await admin_with_headers(session)
+    owner, owner_headers = await user_with_headers(session)
+    other, other_headers = await user_with_headers(session)
+    instance = await create_instance(session, owner)
+    backup = await create_backup(session, instance)
+    refused = await client.patch(
+        f"/instances/{instance.id}", json={"owner_id": str(other.id)}, headers=admin
+    )
+    assert_problem(refused, 409)
+    assert "transfer_backups" in refused.json()["detail"]
+    assert (await client.get(f"/backups/{backup.id}", headers=owner_headers)).status_code == 200
+    assert (await client.get(f"/backups/{backup.id}", headers=other_headers)).status_code == 404
+    moved = await client.patch(
+        f"/instances/{instance.id}",
+        json={"owner_id": str(other.id), "transfer_backups": True},
+        headers=admin,
+    )
+    assert moved.status_code == 200, moved.text
+    assert (await client.get(f"/backups/{backup.id}", headers=other_headers)).status_code == 200
+    assert (await client.get(f"/backups/{backup.id}", headers=owner_headers)).status_code == 404
+
+
 async def test_instance_with_backups_cannot_be_deleted(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
