@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
 import re
 import secrets
+import socket
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -62,11 +65,18 @@ class CheckResult:
     ok: bool
     latency_ms: float | None
     free_bytes: int | None
-    error: str | None
+    error: str | None  # what failed, in words safe to show a caller (no address, no banner)
+    detail: str | None = None  # the driver's own words, hosts included: for the worker's log
 
 
 class StorageError(Exception):
-    """A storage operation failed; the message is meant for an operator."""
+    """A storage operation failed; the message is meant for an operator (it may name hosts,
+    paths and what a server said). `reason`, when the driver knows it, is a short phrase that
+    names no address and quotes no server ("login refused"): what a storage check shows."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StorageUnreachable(StorageError):
@@ -81,7 +91,7 @@ class StorageFull(StorageError):
     """The storage has no room left for the object; `needed` and `free` (bytes) when known."""
 
     def __init__(self, message: str, needed: int | None = None, free: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="the storage is full")
         self.needed, self.free = needed, free
 
 
@@ -191,24 +201,75 @@ class Sha256Counter:
 
 
 async def run_check(driver: BackupStorageDriver) -> CheckResult:
-    """Write, read back, compare and delete a probe object; report instead of raising."""
+    """Write, read back, compare and delete a probe object; report instead of raising.
+
+    `error` says which step failed and why in a few fixed words (see check_failure): the
+    caller configuring a storage learns whether it works, not what answers at an address.
+    """
     probe = secrets.token_bytes(64 * 1024)
     key = f".ibp-check-{secrets.token_hex(8)}"
     started = time.perf_counter()
+    step = "writing a probe failed"
     try:
         await driver.put(key, _one(probe))
+        step = "reading the probe back failed"
         try:
             back = b"".join([chunk async for chunk in driver.get(key)])
-        finally:
-            await driver.delete(key)
+        except Exception:
+            with contextlib.suppress(Exception):
+                await driver.delete(key)
+            raise
+        step = "deleting the probe failed"
+        await driver.delete(key)
         if back != probe:
-            return CheckResult(False, None, None, "probe object read back differs from written")
+            return CheckResult(
+                False, None, None, "the probe read back differs from the one written"
+            )
         latency_ms = (time.perf_counter() - started) * 1000
         return CheckResult(True, round(latency_ms, 1), await driver.free_bytes(), None)
-    except StorageError as exc:
-        return CheckResult(False, None, None, str(exc))
-    except Exception as exc:  # check() must report, never raise: the API shows the text
-        return CheckResult(False, None, None, f"unexpected error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # check() must report, never raise
+        detail = str(exc) if isinstance(exc, StorageError) else f"{type(exc).__name__}: {exc}"
+        return CheckResult(False, None, None, check_failure(step, exc), detail)
+
+
+# Causes found under a driver's error, in the words a check shows (first match wins).
+_CAUSES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (socket.gaierror, "host name not found"),
+    (ssl.SSLError, "TLS handshake failed"),
+    (TimeoutError, "timed out"),
+    ((ConnectionError, asyncio.IncompleteReadError), "connection lost"),
+)
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
+
+
+def check_failure(step: str, exc: BaseException) -> str:
+    """What failed, without the driver's text: "cannot connect to the storage server
+    (connection refused)". Drivers raise with `from None`, so causes are found on the
+    exception's context chain."""
+    if isinstance(exc, StorageUnreachable):
+        step = "cannot connect to the storage server"
+    return f"{step} ({_reason(exc)})"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, StorageError) and exc.reason:
+        return exc.reason
+    seen: BaseException | None = exc
+    while seen is not None:
+        for kinds, words in _CAUSES:
+            if isinstance(seen, kinds):
+                return words
+        if isinstance(seen, OSError) and seen.errno in _UNREACHABLE_ERRNOS:
+            return "host unreachable"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, ObjectNotFound):
+        return "not found"
+    if isinstance(exc, StorageUnreachable):
+        return "no answer the driver understood"
+    if isinstance(exc, StorageError):
+        return "refused by the storage"
+    return f"unexpected error: {type(exc).__name__}"
 
 
 def iter_file(

@@ -73,10 +73,12 @@ class FtpDriver(BackupStorageDriver):
             client.close()
             if "530" in _codes(exc):
                 raise StorageUnreachable(
-                    f"FTP login failed for user '{self.username}' at {self._where}"
+                    f"FTP login failed for user '{self.username}' at {self._where}",
+                    reason="login refused",
                 ) from None
             raise StorageUnreachable(
-                f"FTP server {self._where} refused the session: {_info(exc)}"
+                f"FTP server {self._where} refused the session: {_info(exc)}",
+                reason="the server refused the session",
             ) from None
         except ssl.SSLError as exc:
             client.close()

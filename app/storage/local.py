@@ -48,7 +48,10 @@ class LocalDriver(BackupStorageDriver):
     async def _ready(self) -> None:
         """Hook run before each operation; the NFS driver checks its mount here."""
         if not await asyncio.to_thread(self.root.is_dir):
-            raise StorageUnreachable(f"storage directory {self.root} does not exist")
+            raise StorageUnreachable(
+                f"storage directory {self.root} does not exist",
+                reason="the storage directory does not exist",
+            )
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
         target = self._path(key)
@@ -160,7 +163,8 @@ class NfsDriver(LocalDriver):
         if not await asyncio.to_thread(os.path.ismount, self.root):
             share = f" ({self.server}:{self.export})" if self.server and self.export else ""
             raise StorageUnreachable(
-                f"{self.root} is not a mount point; is the NFS share{share} mounted?"
+                f"{self.root} is not a mount point; is the NFS share{share} mounted?",
+                reason="the NFS share is not mounted",
             )
 
 

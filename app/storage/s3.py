@@ -114,13 +114,15 @@ class S3Driver(BackupStorageDriver):
             message = _scrub(str(err.get("Message") or code))
             if code == "NoSuchBucket":
                 return StorageUnreachable(
-                    f"S3 bucket '{self.bucket}' does not exist at {self._where}"
+                    f"S3 bucket '{self.bucket}' does not exist at {self._where}",
+                    reason="the bucket does not exist",
                 )
             if code in _NOT_FOUND_CODES:
                 return ObjectNotFound(f"{key} not found in S3 bucket '{self.bucket}'")
             if code in _AUTH_CODES:
                 return StorageUnreachable(
-                    f"S3 credentials rejected by {self._where} for bucket '{self.bucket}' ({code})"
+                    f"S3 credentials rejected by {self._where} for bucket '{self.bucket}' ({code})",
+                    reason="credentials rejected",
                 )
             if code in _FULL_CODES:
                 return StorageFull(f"S3 refused {what}: {code}: {message}")

@@ -111,11 +111,13 @@ class SftpDriver(BackupStorageDriver):
                 )
             except asyncssh.HostKeyNotVerifiable:
                 raise StorageUnreachable(
-                    f"SFTP host key mismatch for {self._where} (not the pinned host_key)"
+                    f"SFTP host key mismatch for {self._where} (not the pinned host_key)",
+                    reason="the server's host key is not the pinned host_key",
                 ) from None
             except asyncssh.PermissionDenied:
                 raise StorageUnreachable(
-                    f"SFTP login failed for user '{self.username}' at {self._where}"
+                    f"SFTP login failed for user '{self.username}' at {self._where}",
+                    reason="login refused",
                 ) from None
             except (asyncssh.Error, OSError, TimeoutError) as exc:
                 raise StorageUnreachable(
@@ -126,7 +128,8 @@ class SftpDriver(BackupStorageDriver):
             except (asyncssh.Error, OSError) as exc:
                 conn.close()
                 raise StorageUnreachable(
-                    f"SFTP subsystem unavailable on {self._where}: {exc}"
+                    f"SFTP subsystem unavailable on {self._where}: {exc}",
+                    reason="the server offers no SFTP",
                 ) from None
             self._conn, self._sftp = conn, sftp
             return sftp

@@ -27,7 +27,8 @@ async def test_check_reports_a_wrong_password(ftp_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error == f"FTP login failed for user 'backup' at 127.0.0.1:{ftp_server.port}"
+    assert result.error == "cannot connect to the storage server (login refused)"
+    assert result.detail == f"FTP login failed for user 'backup' at 127.0.0.1:{ftp_server.port}"
 
 
 async def test_ftps_refuses_an_untrusted_certificate(ftps_server: Server) -> None:
@@ -36,9 +37,10 @@ async def test_ftps_refuses_an_untrusted_certificate(ftps_server: Server) -> Non
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith(f"TLS handshake with FTP server 127.0.0.1:{ftps_server.port}")
-    assert "certificate verify failed" in result.error
+    assert result.error == "cannot connect to the storage server (TLS handshake failed)"
+    assert result.detail is not None
+    assert result.detail.startswith(f"TLS handshake with FTP server 127.0.0.1:{ftps_server.port}")
+    assert "certificate verify failed" in result.detail
 
 
 async def test_plain_ftp_login_is_refused_by_a_tls_only_server(ftps_server: Server) -> None:
@@ -47,8 +49,9 @@ async def test_plain_ftp_login_is_refused_by_a_tls_only_server(ftps_server: Serv
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert f"127.0.0.1:{ftps_server.port}" in result.error
+    assert result.error is not None and "127.0.0.1" not in result.error
+    assert result.detail is not None
+    assert f"127.0.0.1:{ftps_server.port}" in result.detail
 
 
 async def test_check_reports_a_refused_connection(ftp_server: Server) -> None:
@@ -58,8 +61,9 @@ async def test_check_reports_a_refused_connection(ftp_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith(f"cannot connect to FTP server 127.0.0.1:{port}")
+    assert result.error == "cannot connect to the storage server (connection refused)"
+    assert result.detail is not None
+    assert result.detail.startswith(f"cannot connect to FTP server 127.0.0.1:{port}")
 
 
 async def test_server_killed_mid_upload_raises_unreachable_and_no_object_appears(

@@ -31,7 +31,8 @@ async def test_nfs_check_fails_clearly_when_the_share_is_not_mounted(tmp_path: P
     result = await driver.check()
 
     assert not result.ok
-    assert result.error == (
+    assert result.error == "cannot connect to the storage server (the NFS share is not mounted)"
+    assert result.detail == (
         f"{tmp_path} is not a mount point; is the NFS share (nas1:/backups) mounted?"
     )
     with pytest.raises(StorageUnreachable, match="is not a mount point"):
@@ -42,7 +43,10 @@ async def test_nfs_check_fails_clearly_when_the_share_is_not_mounted(tmp_path: P
 async def test_local_check_fails_clearly_when_the_directory_is_missing(tmp_path: Path) -> None:
     result = await get_driver("local", {"path": str(tmp_path / "nope")}).check()
 
-    assert result.error == f"storage directory {tmp_path / 'nope'} does not exist"
+    assert result.error == (
+        "cannot connect to the storage server (the storage directory does not exist)"
+    )
+    assert result.detail == f"storage directory {tmp_path / 'nope'} does not exist"
 
 
 async def test_full_disk_raises_storage_full_and_leaves_no_temp_file() -> None:

@@ -156,8 +156,9 @@ async def test_check_reports_a_missing_bucket(moto_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith("S3 bucket 'no-such-bucket' does not exist at http://")
+    assert result.error == "cannot connect to the storage server (the bucket does not exist)"
+    assert result.detail is not None
+    assert result.detail.startswith("S3 bucket 'no-such-bucket' does not exist at http://")
     await driver.close()
 
 
@@ -167,9 +168,10 @@ async def test_check_reports_rejected_credentials(rclone_server: Server) -> None
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert "S3 credentials rejected by http://127.0.0.1:" in result.error
-    assert "for bucket 'backups'" in result.error
+    assert result.error == "cannot connect to the storage server (credentials rejected)"
+    assert result.detail is not None
+    assert "S3 credentials rejected by http://127.0.0.1:" in result.detail
+    assert "for bucket 'backups'" in result.detail
     await driver.close()
 
 
@@ -181,8 +183,10 @@ async def test_check_reports_an_unreachable_endpoint() -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port}")
+    assert result.error is not None and "127.0.0.1" not in result.error
+    assert result.error.startswith("cannot connect to the storage server (")
+    assert result.detail is not None
+    assert result.detail.startswith(f"cannot reach S3 endpoint http://127.0.0.1:{port}")
     await driver.close()
 
 
