@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import posixpath
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -28,6 +30,20 @@ class Settings(BaseSettings):
     verify_interval_hours: float = Field(default=0.0, ge=0)
     # Where local-disk storage lives when the service is started by the README's one command.
     data_dir: str = "./var"
+    # Directories under which local and NFS storage paths may lie (an admin could otherwise
+    # point a storage, and its probe writes, at any directory). Empty: `<data_dir>/backups`,
+    # where `ibp setup-local` puts local backups.
+    storage_roots: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _storage_roots(self) -> Settings:
+        if not self.storage_roots:
+            self.storage_roots = [str(Path(self.data_dir).resolve() / "backups")]
+        for root in self.storage_roots:
+            if not root.startswith("/"):
+                raise ValueError(f"IBP_STORAGE_ROOTS: {root!r} is not an absolute path")
+        self.storage_roots = [posixpath.normpath(root) for root in self.storage_roots]
+        return self
 
     @model_validator(mode="after")
     def _refuse_weak_secret(self) -> Settings:

@@ -6,6 +6,8 @@ them into RFC 9457 responses.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -42,3 +44,19 @@ class Conflict(DomainError):
 class Unprocessable(DomainError):
     status = 422
     title = "Unprocessable content"
+
+
+class SecretsUndecryptable(Conflict):
+    """Stored storage secrets do not open with the current IBP_SECRET_KEY (it was changed or
+    is wrong). A conflict between the server's key and its data, not a passing outage: it
+    lasts until the old key is back or the secrets are given again."""
+
+    title = "Storage secrets cannot be decrypted"
+
+    def __init__(self, storages: Sequence[tuple[uuid.UUID, str]]) -> None:
+        named = ", ".join(f"'{name}' ({storage_id})" for storage_id, name in storages)
+        super().__init__(
+            f"The secrets of backup storage {named} cannot be decrypted with the current "
+            "IBP_SECRET_KEY: set the key they were encrypted with, or give the secrets again "
+            "(PATCH /backup-storages/{id} with the secret fields)."
+        )

@@ -125,3 +125,15 @@ def enqueue_deletion(jobs: JobQueue, backup_id: uuid.UUID) -> None:
         job_id=f"delete:{backup_id}",
         redispatched=True,
     )
+
+
+def enqueue_storage_check(jobs: JobQueue, storage_id: uuid.UUID, hypervisor_id: uuid.UUID) -> None:
+    """Checks run on a hypervisor's worker, where backups reach the storage. The fixed id
+    keeps repeated clicks to one queued check; a lost enqueue fails the request (no tick sends
+    it again: the storage says `checking`, and checking again sends a new job)."""
+    jobs.add(
+        "check_storage",
+        str(storage_id),
+        queue_name=hypervisor_queue(hypervisor_id),
+        job_id=f"check:{storage_id}",
+    )

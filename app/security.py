@@ -40,6 +40,10 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class WrongSecretKey(ValueError):
+    """The blob was not encrypted with this key (IBP_SECRET_KEY changed or wrong)."""
+
+
 class SecretBox:
     """Encrypts storage secrets with a key derived from IBP_SECRET_KEY (Fernet: AES + HMAC)."""
 
@@ -58,7 +62,7 @@ class SecretBox:
         try:
             data: dict[str, Any] = json.loads(self._fernet.decrypt(blob.encode()))
         except InvalidToken as exc:
-            raise ValueError(
+            raise WrongSecretKey(
                 "Stored secrets cannot be decrypted: was IBP_SECRET_KEY changed?"
             ) from exc
         return data

@@ -85,6 +85,7 @@ class StorageKind(StrEnum):
 
 class StorageStatus(StrEnum):
     UNKNOWN = "unknown"
+    CHECKING = "checking"  # a check job is queued or running on a hypervisor's worker
     OK = "ok"
     ERROR = "error"
 

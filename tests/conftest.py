@@ -19,6 +19,8 @@ os.environ["IBP_DATABASE_URL"] = (
     PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{TEST_DB}"
 )
 os.environ.setdefault("IBP_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Where the API tests' local and NFS storages may lie (the default is the data dir's backups).
+os.environ.setdefault("IBP_STORAGE_ROOTS", '["/srv/backups", "/mnt/nfs"]')
 
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -38,3 +39,16 @@ def test_cli_refuses_to_start_with_a_clear_message_and_no_traceback() -> None:
     )
     assert done.returncode != 0
     assert "IBP_SECRET_KEY" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_storage_roots_default_to_the_data_dirs_backups_folder(tmp_path: Path) -> None:
+    """`ibp setup-local` registers <data dir>/backups: the default root must allow it."""
+    settings = Settings(data_dir=str(tmp_path / "var"), storage_roots=[])
+    assert settings.storage_roots == [str(tmp_path / "var" / "backups")]
+    given = Settings(storage_roots=["/srv/backups/", "/mnt//nfs"])
+    assert given.storage_roots == ["/srv/backups", "/mnt/nfs"]
+
+
+def test_a_relative_storage_root_is_refused() -> None:
+    with pytest.raises(ValidationError, match="IBP_STORAGE_ROOTS"):
+        Settings(storage_roots=["var/backups"])

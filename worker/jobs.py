@@ -30,6 +30,7 @@ from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
 from app.engine.words import Words
 from app.engine.workers import unattended
+from app.errors import SecretsUndecryptable
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
@@ -121,6 +122,8 @@ def describe(exc: BaseException) -> Words:
         return Words("Backup storage error", f"Backup storage error: {exc}")
     if isinstance(exc, _VM_ONLY | ChainError | NotRecorded):
         return Words(str(exc))
+    if isinstance(exc, SecretsUndecryptable):
+        return Words("Backup storage error", exc.detail)
     if isinstance(exc, JobFailed):
         return Words(exc.user or str(exc), str(exc))
     if isinstance(exc, virt.VirtError):
@@ -132,7 +135,7 @@ def describe(exc: BaseException) -> Words:
 
 
 # Failures of the outside world, described without a traceback in the log.
-EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, NotRecorded)
+EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, NotRecorded, SecretsUndecryptable)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""arq workers: the control queue (tick, deletions) and one hypervisor's backup queue.
+"""arq workers: the control queue (tick, deletions) and one hypervisor's queue (backups,
+restores, verifications, storage checks).
 
 `ibp worker` runs the control queue; `ibp worker --hypervisor NAME` also serves that
 hypervisor's queue with at most its max_concurrent_backups jobs at once. On one machine a
@@ -27,6 +28,7 @@ from app.queues import CONTROL_QUEUE, hypervisor_queue
 from worker import presence
 from worker.jobs import RESOURCES, JobContext, Resources
 from worker.tasks.backup import run_backup
+from worker.tasks.check import CHECK_TIMEOUT_S, check_storage
 from worker.tasks.control import tick
 from worker.tasks.deletion import delete_backup_files
 from worker.tasks.reconcile import reconcile_storages
@@ -102,6 +104,15 @@ def _workers(
                     # No kept result: the next verify of the same backup may reuse its job id.
                     func(
                         verify_backup, name="verify_backup", timeout=VERIFY_TIMEOUT_S, keep_result=0
+                    ),
+                    # Checks run here, where backups reach the storage; the next check of the
+                    # same storage reuses the job id.
+                    func(
+                        check_storage,
+                        name="check_storage",
+                        timeout=CHECK_TIMEOUT_S + 30,
+                        max_tries=1,
+                        keep_result=0,
                     ),
                 ],
                 queue_name=queue,

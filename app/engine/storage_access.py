@@ -1,21 +1,53 @@
-"""Opening the storage driver that holds (or will hold) a backup, with operator-facing errors."""
+"""Opening the storage driver that holds (or will hold) a backup, with operator-facing errors.
+
+The one place storage secrets are decrypted.
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.errors import SecretsUndecryptable
 from app.models import BackupStorage
-from app.security import secret_box
+from app.security import WrongSecretKey, secret_box
 from app.storage.base import BackupStorageDriver
 from app.storage.registry import get_driver
 
 
+def _secrets(storage: BackupStorage) -> dict[str, Any]:
+    try:
+        return secret_box().decrypt(storage.secrets_encrypted)
+    except WrongSecretKey:
+        raise SecretsUndecryptable([(storage.id, storage.name)]) from None
+
+
 def driver_config(storage: BackupStorage) -> dict[str, Any]:
-    """The whole config with secrets decrypted: for a storage driver, never for a response."""
-    return {**storage.config, **secret_box().decrypt(storage.secrets_encrypted)}
+    """The whole config with secrets decrypted: for a storage driver, never for a response.
+
+    Raises SecretsUndecryptable (naming the storage) when IBP_SECRET_KEY does not open them.
+    """
+    return {**storage.config, **_secrets(storage)}
+
+
+def secrets_set(storage: BackupStorage) -> list[str]:
+    """The names of the secrets a storage holds (for a response: never their values)."""
+    return sorted(name for name, value in _secrets(storage).items() if value)
+
+
+def ensure_decryptable(storages: Iterable[BackupStorage]) -> None:
+    """Raise one SecretsUndecryptable naming every storage whose secrets do not open."""
+    failed = []
+    for storage in storages:
+        try:
+            _secrets(storage)
+        except SecretsUndecryptable:
+            failed.append((storage.id, storage.name))
+    if failed:
+        raise SecretsUndecryptable(failed)
 
 
 async def open_driver(session: AsyncSession, storage_id: uuid.UUID) -> BackupStorageDriver:

@@ -5,16 +5,11 @@ import uuid
 from fastapi import APIRouter, status
 
 from app.auth.deps import AdminUser
-from app.deps import SessionDep
+from app.deps import JobQueueDep, SessionDep
 from app.problems import problem_responses
-from app.schemas import Page, PageDep, page_of
+from app.schemas import Page, PageDep
 from app.storages import service
-from app.storages.schemas import (
-    BackupStorageCreate,
-    BackupStorageRead,
-    BackupStorageUpdate,
-    StorageCheckResult,
-)
+from app.storages.schemas import BackupStorageCreate, BackupStorageRead, BackupStorageUpdate
 
 router = APIRouter(
     prefix="/backup-storages",
@@ -23,9 +18,12 @@ router = APIRouter(
 )
 
 
-@router.get("", name="list", summary="List backup storages (admin)")
+# 409 on reads: a storage's secrets do not open with the current IBP_SECRET_KEY.
+@router.get(
+    "", name="list", summary="List backup storages (admin)", responses=problem_responses(409)
+)
 async def list_all(session: SessionDep, _: AdminUser, page: PageDep) -> Page[BackupStorageRead]:
-    return await page_of(session, service.storages_statement(), page, service.to_read)
+    return await service.storages_page(session, page)
 
 
 @router.post(
@@ -40,7 +38,9 @@ async def create(
     return service.to_read(await service.create_storage(session, payload))
 
 
-@router.get("/{storage_id}", summary="Read a backup storage (admin)")
+@router.get(
+    "/{storage_id}", summary="Read a backup storage (admin)", responses=problem_responses(409)
+)
 async def read(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> BackupStorageRead:
     return service.to_read(await service.get_storage(session, storage_id))
 
@@ -67,8 +67,13 @@ async def delete(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> No
 
 @router.post(
     "/{storage_id}/check",
-    summary="Check a backup storage: connect, write, read back, delete a probe (admin)",
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Check a backup storage on a hypervisor using it: write, read back and delete a "
+    "probe (admin). Answers at once with status 'checking'; poll the storage for the result.",
+    responses=problem_responses(409),
 )
-async def check(storage_id: uuid.UUID, session: SessionDep, _: AdminUser) -> StorageCheckResult:
+async def check(
+    storage_id: uuid.UUID, session: SessionDep, _: AdminUser, jobs: JobQueueDep
+) -> BackupStorageRead:
     storage = await service.get_storage(session, storage_id)
-    return await service.check_storage(session, storage)
+    return service.to_read(await service.request_check(session, storage, jobs))

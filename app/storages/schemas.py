@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from app.schemas import RequestBody, Schema
 from app.values import StorageKind, StorageStatus
@@ -18,6 +18,19 @@ SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "s3": ("secret_access_key",),
     "sftp": ("password", "private_key"),
     "ftp": ("password",),
+}
+
+# The config fields that decide where a kind's secrets are sent, or who may read them on the
+# way: changing one needs the secrets given again in the same request, or a stored password
+# would go to whatever host an update names (region picks the AWS endpoint, path_style the
+# host name a bucket is reached at, host_key whom SFTP trusts, tls whether FTP sends the
+# password in clear). Kinds without secrets have none.
+DESTINATION_FIELDS: dict[str, tuple[str, ...]] = {
+    "local": (),
+    "nfs": (),
+    "s3": ("endpoint_url", "region", "bucket", "access_key_id", "path_style"),
+    "sftp": ("host", "port", "username", "host_key"),
+    "ftp": ("host", "port", "username", "tls"),
 }
 
 
@@ -146,7 +159,10 @@ class BackupStorageUpdate(RequestBody):
     config: dict[str, Any] | None = Field(
         default=None,
         description="Fields to change; omitted fields (and secrets) keep their values. "
-        "A secret set to null is removed.",
+        "A secret set to null is removed. Changing where secrets go (host, port, username, "
+        "endpoint, bucket... per kind) needs the secrets given again in the same request: "
+        "the stored ones are never sent to a new destination. A local or NFS path must lie "
+        "under one of the server's storage roots (IBP_STORAGE_ROOTS).",
     )
 
 
@@ -156,15 +172,11 @@ class BackupStorageRead(Schema):
     kind: StorageKind
     config: dict[str, Any] = Field(description="Settings without secrets.")
     secrets_set: list[str] = Field(description="Which secrets are stored (never their values).")
-    status: StorageStatus
+    status: StorageStatus = Field(
+        description="'checking' while a check job runs on a hypervisor's worker; poll until "
+        "it is 'ok' or 'error'."
+    )
     last_error: str | None
     last_checked_at: datetime | None
     created_at: datetime
     updated_at: datetime
-
-
-class StorageCheckResult(BaseModel):
-    ok: bool
-    latency_ms: float | None
-    free_bytes: int | None
-    error: str | None

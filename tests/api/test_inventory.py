@@ -3,14 +3,23 @@ instances (admins write; users read their own)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from arq.connections import ArqRedis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.engine.storage_access import driver_config
+from app.models import BackupStorage, Hypervisor, Worker
+from app.queues import hypervisor_queue
+from app.security import SecretBox
+from app.storages.schemas import SECRET_FIELDS
 from tests.api.helpers import (
     admin_with_headers,
     assert_page,
@@ -244,13 +253,13 @@ async def test_storage_patch_keeps_secrets_not_resent(
     ).json()
     patched = await client.patch(
         f"/backup-storages/{created['id']}",
-        json={"name": "renamed", "config": {"bucket": "other-bucket"}},
+        json={"name": "renamed", "config": {"prefix": "elsewhere/"}},
         headers=headers,
     )
     assert patched.status_code == 200, patched.text
     body = patched.json()
     assert body["name"] == "renamed"
-    assert body["config"]["bucket"] == "other-bucket"
+    assert body["config"]["prefix"] == "elsewhere/"
     assert body["config"]["access_key_id"] == "AKIAEXAMPLE"
     assert body["secrets_set"] == ["secret_access_key"]
     assert "s3-secret-plaintext-value" not in patched.text
@@ -299,7 +308,7 @@ async def test_storage_duplicate_name_is_409(
     await create_storage(session, name="taken")
     response = await client.post(
         "/backup-storages",
-        json={"name": "taken", "kind": "local", "config": {"path": "/x"}},
+        json={"name": "taken", "kind": "local", "config": {"path": "/srv/backups/x"}},
         headers=headers,
     )
     assert_problem(response, 409)
@@ -318,18 +327,180 @@ async def test_storage_used_by_hypervisor_cannot_be_deleted(
     ).status_code == 204
 
 
-async def test_storage_check_of_local_storage_reports_result(
-    client: httpx.AsyncClient, session: AsyncSession, tmp_path: Any
+async def test_storage_check_answers_202_at_once_and_queues_a_job_without_connecting(
+    client: httpx.AsyncClient, session: AsyncSession, arq_redis: ArqRedis
 ) -> None:
     _, headers = await admin_with_headers(session)
-    storage = await create_storage(session, config={"path": str(tmp_path)})
-    response = await client.post(f"/backup-storages/{storage.id}/check", headers=headers)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert set(body) == {"ok", "latency_ms", "free_bytes", "error"}
+    with socket.socket() as listener:  # a storage server that would hold a connection forever
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        config = {**VALID_CONFIGS["ftp"], "host": "127.0.0.1", "port": listener.getsockname()[1]}
+        storage = await create_storage(session, "ftp", config, {"password": "pw"})
+        hypervisor = await _served_hypervisor(session, storage.id)
+        response = await asyncio.wait_for(
+            client.post(f"/backup-storages/{storage.id}/check", headers=headers), timeout=5
+        )
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "checking"
+    assert response.json()["last_error"] is None
+    queued = await arq_redis.zscore(hypervisor_queue(hypervisor.id), f"check:{storage.id}")
+    assert queued is not None
     read = (await client.get(f"/backup-storages/{storage.id}", headers=headers)).json()
-    assert read["status"] == ("ok" if body["ok"] else "error")
-    assert read["last_checked_at"] is not None
+    assert read["status"] == "checking"
+
+
+async def _served_hypervisor(session: AsyncSession, storage_id: uuid.UUID) -> Hypervisor:
+    """A hypervisor using the storage, with a live worker."""
+    hypervisor = await create_hypervisor(session, backup_storage_id=storage_id)
+    now = datetime.now(UTC)
+    worker = Worker(id=uuid.uuid4(), hypervisor_id=hypervisor.id, host="h", pid=1, started_at=now)
+    worker.seen_at = now
+    session.add(worker)
+    await session.flush()
+    return hypervisor
+
+
+async def test_storage_check_needs_a_hypervisor_whose_worker_runs(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers = await admin_with_headers(session)
+    storage = await create_storage(session)
+    alone = await client.post(f"/backup-storages/{storage.id}/check", headers=headers)
+    assert "attach it to one first" in assert_problem(alone, 409)["detail"]
+    hypervisor = await create_hypervisor(session, backup_storage_id=storage.id)
+    unserved = await client.post(f"/backup-storages/{storage.id}/check", headers=headers)
+    detail = assert_problem(unserved, 409)["detail"]
+    assert f"No worker is running for hypervisor {hypervisor.name}" in detail
+    read = (await client.get(f"/backup-storages/{storage.id}", headers=headers)).json()
+    assert read["status"] == "unknown"
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("local", "/etc"),
+        ("local", "/srv/backups-elsewhere"),
+        ("nfs", "/var/lib"),
+    ],
+)
+async def test_storage_path_outside_the_storage_roots_is_422(
+    client: httpx.AsyncClient, session: AsyncSession, kind: str, path: str
+) -> None:
+    _, headers = await admin_with_headers(session)
+    payload = {"name": "p", "kind": kind, "config": {**VALID_CONFIGS[kind], "path": path}}
+    body = assert_problem(await client.post("/backup-storages", json=payload, headers=headers), 422)
+    assert [e["field"] for e in body["errors"]] == ["config.path"]
+    assert "/srv/backups" in body["detail"]
+
+    inside = {**payload, "config": {**payload["config"], "path": "/srv/backups/p"}}
+    created = await client.post("/backup-storages", json=inside, headers=headers)
+    assert created.status_code == 201, created.text
+    moved = await client.patch(
+        f"/backup-storages/{created.json()['id']}", json={"config": {"path": path}}, headers=headers
+    )
+    assert_problem(moved, 422, field="config.path")
+
+
+@pytest.mark.parametrize(
+    ("kind", "change"),
+    [
+        ("s3", {"endpoint_url": "https://attacker.example.com"}),
+        ("s3", {"bucket": "someone-elses-bucket"}),
+        ("s3", {"access_key_id": "AKIAOTHER"}),
+        ("s3", {"region": "eu-west-1"}),
+        ("sftp", {"host": "attacker.example.com"}),
+        ("sftp", {"port": 2222}),
+        ("sftp", {"username": "other"}),
+        ("sftp", {"host_key": HOST_KEY.replace("AAAAC3", "AAAAC4")}),
+        ("ftp", {"host": "attacker.example.com"}),
+        ("ftp", {"port": 2121}),
+        ("ftp", {"username": "other"}),
+        ("ftp", {"tls": True}),
+    ],
+)
+async def test_changing_where_secrets_go_needs_them_again(
+    client: httpx.AsyncClient, session: AsyncSession, kind: str, change: dict[str, Any]
+) -> None:
+    _, headers = await admin_with_headers(session)
+    payload = {"name": "dest", "kind": kind, "config": VALID_CONFIGS[kind]}
+    storage_id = (await client.post("/backup-storages", json=payload, headers=headers)).json()["id"]
+    refused = await client.patch(
+        f"/backup-storages/{storage_id}", json={"config": change}, headers=headers
+    )
+    body = assert_problem(refused, 422)
+    secret_fields = sorted(f"config.{name}" for name in SECRET_FIELDS[kind])
+    assert sorted(e["field"] for e in body["errors"]) == secret_fields
+    assert next(iter(change)) in body["detail"]
+
+    again = {name: f"new-{name}" for name in SECRETS[kind]}
+    accepted = await client.patch(
+        f"/backup-storages/{storage_id}", json={"config": {**change, **again}}, headers=headers
+    )
+    assert accepted.status_code == 200, accepted.text
+    row = await session.get(BackupStorage, uuid.UUID(storage_id))
+    assert row is not None
+    await session.refresh(row)
+    assert {k: driver_config(row)[k] for k in again} == again
+
+
+async def test_moving_an_sftp_storage_keeps_only_the_secrets_given_again(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers = await admin_with_headers(session)
+    config = {**VALID_CONFIGS["sftp"], "private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\n"}
+    payload = {"name": "both", "kind": "sftp", "config": config}
+    created = (await client.post("/backup-storages", json=payload, headers=headers)).json()
+    assert created["secrets_set"] == ["password", "private_key"]
+    moved = await client.patch(
+        f"/backup-storages/{created['id']}",
+        json={"config": {"host": "new.example.com", "password": "new-pw"}},
+        headers=headers,
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["secrets_set"] == ["password"]
+
+
+async def test_storage_secrets_sealed_with_another_key_are_409_naming_the_storages(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    _, headers = await admin_with_headers(session)
+    other = SecretBox("the-key-before-someone-changed-IBP_SECRET_KEY")
+    ftp = {k: v for k, v in VALID_CONFIGS["ftp"].items() if k != "password"}
+    lost = [await create_storage(session, "ftp", ftp, name=f"lost-{n}") for n in range(2)]
+    for storage in lost:
+        storage.secrets_encrypted = other.encrypt({"password": "pw"})
+    fine = await create_storage(session, name="fine")
+    await session.flush()
+
+    for response in (
+        await client.get(f"/backup-storages/{lost[0].id}", headers=headers),
+        await client.post(f"/backup-storages/{lost[0].id}/check", headers=headers),
+        await client.patch(
+            f"/backup-storages/{lost[0].id}", json={"config": {"path": "/x"}}, headers=headers
+        ),
+    ):
+        body = assert_problem(response, 409)
+        assert body["title"] == "Storage secrets cannot be decrypted"
+        assert f"'lost-0' ({lost[0].id})" in body["detail"]
+        assert "current IBP_SECRET_KEY" in body["detail"]
+    listed = assert_problem(await client.get("/backup-storages", headers=headers), 409)
+    assert "'lost-0'" in listed["detail"] and "'lost-1'" in listed["detail"]
+    assert "'fine'" not in listed["detail"]
+    assert (await client.get(f"/backup-storages/{fine.id}", headers=headers)).status_code == 200
+
+    # Giving the secrets again seals them with the current key.
+    for storage in lost:
+        fixed = await client.patch(
+            f"/backup-storages/{storage.id}",
+            json={"config": {"password": "given-again"}},
+            headers=headers,
+        )
+        assert fixed.status_code == 200, fixed.text
+        assert fixed.json()["secrets_set"] == ["password"]
+    assert (await client.get("/backup-storages", headers=headers)).status_code == 200
 
 
 # --- hypervisors ------------------------------------------------------------------------------

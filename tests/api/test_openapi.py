@@ -26,8 +26,11 @@ CONFLICTS = {
     ("post", "/locations"),
     ("patch", "/locations/{location_id}"),
     ("delete", "/locations/{location_id}"),
+    ("get", "/backup-storages"),  # secrets the current IBP_SECRET_KEY cannot open
+    ("get", "/backup-storages/{storage_id}"),
     ("post", "/backup-storages"),
     ("patch", "/backup-storages/{storage_id}"),
+    ("post", "/backup-storages/{storage_id}/check"),  # no hypervisor or worker to run it
     ("delete", "/backup-storages/{storage_id}"),
     ("post", "/hypervisors"),
     ("patch", "/hypervisors/{hypervisor_id}"),

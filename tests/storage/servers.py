@@ -183,9 +183,21 @@ from pyftpdlib.authorizers import DummyAuthorizer
 from pyftpdlib.handlers import FTPHandler
 from pyftpdlib.log import config_logging
 from pyftpdlib.servers import FTPServer
-port, root, user, password, cert, key = sys.argv[1:7]
+port, root, user, password, cert, key, record = sys.argv[1:8]
 config_logging(level=logging.WARNING)
-authorizer = DummyAuthorizer()
+
+
+class Recording(DummyAuthorizer):
+    # Writes every login attempt (user, password) to `record` when one is given.
+
+    def validate_authentication(self, username, password, handler):
+        if record:
+            with open(record, "a") as f:
+                f.write(f"{username}\\t{password}\\n")
+        return super().validate_authentication(username, password, handler)
+
+
+authorizer = Recording()
 authorizer.add_user(user, password, root, perm="elradfmwMT")
 handler = FTPHandler
 if cert:
@@ -197,7 +209,8 @@ FTPServer(("127.0.0.1", int(port)), handler).serve_forever()
 """
 
 
-def start_ftp(tls: bool = False) -> Server:
+def start_ftp(tls: bool = False, password: str = FTP_PASSWORD, record: bool = False) -> Server:
+    """pyftpdlib on loopback; with `record`, every login attempt is kept (see ftp_logins)."""
     try:
         import pyftpdlib  # noqa: F401
 
@@ -212,7 +225,7 @@ def start_ftp(tls: bool = False) -> Server:
     config: dict[str, Any] = {
         "host": HOST,
         "username": FTP_USER,
-        "password": FTP_PASSWORD,
+        "password": password,
         "path": "/",
         "tls": tls,
     }
@@ -221,10 +234,22 @@ def start_ftp(tls: bool = False) -> Server:
         cert, key, config["ca_cert"] = str(cert_path), str(key_path), pem
     port = free_port()
     config["port"] = port
-    cmd = [sys.executable, "-c", _FTP_SCRIPT, str(port), str(data_dir), FTP_USER, FTP_PASSWORD]
-    server = _spawn("ftps" if tls else "ftp", [*cmd, cert, key], port, data_dir, config)
+    logins = base / "logins" if record else None
+    cmd = [sys.executable, "-c", _FTP_SCRIPT, str(port), str(data_dir), FTP_USER, password]
+    cmd += [cert, key, str(logins or "")]
+    server = _spawn("ftps" if tls else "ftp", cmd, port, data_dir, config)
     server.extra["cleanup"] = base
+    server.extra["logins"] = logins
     return server
+
+
+def ftp_logins(server: Server) -> list[tuple[str, str]]:
+    """The (user, password) pairs a recording FTP server received, in order."""
+    path: Path = server.extra["logins"]
+    if not path.exists():
+        return []
+    pairs = [line.split("\t", 1) for line in path.read_text().splitlines()]
+    return [(user, password) for user, password in pairs]
 
 
 _SSHD_CONFIG = """\

@@ -9,6 +9,7 @@ from arq import Retry
 from sqlalchemy import delete, func, select
 
 from app.engine.storage_access import backup_prefix, open_driver
+from app.errors import SecretsUndecryptable
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import StorageError
 from app.values import BackupStatus
@@ -43,9 +44,13 @@ async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
                         await driver.delete(f"{prefix}/manifest.json")
                 finally:
                     await driver.close()
-            except (StorageError, OSError) as exc:
+            except (StorageError, OSError, SecretsUndecryptable) as exc:
                 backup.delete_attempts += 1
-                backup.delete_error = f"Backup storage is unreachable: {exc}"
+                backup.delete_error = (
+                    exc.detail
+                    if isinstance(exc, SecretsUndecryptable)
+                    else f"Backup storage is unreachable: {exc}"
+                )
                 await session.commit()
                 defer = min(MAX_BACKOFF_S, 10 * 2 ** min(backup.delete_attempts, 12))
                 log.warning("deleting backup %s failed (%s); retry in %ss", backup_id, exc, defer)

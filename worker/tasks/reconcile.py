@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from app.engine.reconcile import SAFETY_WINDOW, Reconciliation, reconcile_storage
 from app.engine.storage_access import open_driver
+from app.errors import SecretsUndecryptable
 from app.models import BackupStorage
 from app.storage.base import StorageError
 from worker.jobs import JobContext, Resources, now, resources
@@ -34,7 +35,7 @@ async def reconcile_all(
                     )
                 finally:
                     await driver.close()
-        except StorageError as exc:
+        except (StorageError, SecretsUndecryptable) as exc:
             log.warning("reconciling %s: %s", storage.name, exc)
             results.append(f"{storage.name}: not reconciled: {exc}")
     return results
