@@ -1,7 +1,7 @@
 """error_detail: the operator's words of a failure, beside the owner's
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-07 05:00:00
 
 `error` (and `verify_error`) keep what the owner of a backup or restore reads, without the
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0011'
-down_revision: str | None = '0007'
+down_revision: str | None = '0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
