@@ -114,11 +114,15 @@ async def _create_token(email: str, name: str) -> None:
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
 
-    engine = build_engine(get_settings())
+    settings = get_settings()
+    engine = build_engine(settings)
     try:
         async with build_sessionmaker(engine)() as session:
             user = await _user_by_email(session, email)
-            _, token = await create_token(session, user, ApiTokenCreate(name=name))
+            # With IBP_MAX_TOKEN_DAYS set, the operator's token lives as long as it may.
+            days = settings.max_token_days
+            payload = ApiTokenCreate(name=name, expires_in_days=days)
+            _, token = await create_token(session, user, payload, max_days=days)
             await session.commit()
     finally:
         await engine.dispose()

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     secret_key: str = PLACEHOLDER_SECRET
     session_lifetime_hours: float = Field(default=12.0, gt=0)
+    # When set, every personal API token must expire within this many days of its creation.
+    max_token_days: int | None = Field(default=None, gt=0, le=36500)
     cors_origins: list[str] = Field(default_factory=list)
     db_pool_size: int = Field(default=10, ge=1)
     # Scheduler knobs: how late a missed run may still run, when a silent job is lost.

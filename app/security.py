@@ -18,6 +18,10 @@ _password_hash = PasswordHash.recommended()
 
 SESSION_PREFIX = "ibps_"
 PERSONAL_PREFIX = "ibpt_"
+# A login session younger than this may mint a personal token without the password again: the
+# user has just typed it. Older sessions and personal tokens must give the current password, so
+# a stolen session cannot turn itself into a lasting token.
+FRESH_LOGIN_MINUTES = 10
 
 
 def hash_password(password: str) -> str:

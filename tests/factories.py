@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -23,7 +23,7 @@ from app.models import (
     User,
 )
 from app.policies.service import plan_next_run
-from app.security import PERSONAL_PREFIX, hash_password, new_token, token_digest
+from app.security import PERSONAL_PREFIX, SESSION_PREFIX, hash_password, new_token, token_digest
 
 _seq = itertools.count(1)
 PASSWORD = "correct horse battery"
@@ -69,6 +69,28 @@ async def auth_headers(session: AsyncSession, user: User) -> dict[str, str]:
         ),
     )
     return {"Authorization": f"Bearer {token}"}
+
+
+async def login_session(
+    session: AsyncSession, user: User, age: timedelta = timedelta(0)
+) -> tuple[ApiToken, dict[str, str]]:
+    """A login session of the user, as POST /auth/login makes it, created `age` ago."""
+    token = new_token(SESSION_PREFIX)
+    created_at = datetime.now(UTC) - age
+    row = await _save(
+        session,
+        ApiToken(
+            id=uuid.uuid4(),
+            user_id=user.id,
+            kind="session",
+            name="login session",
+            token_hash=token_digest(token),
+            prefix=token[:12],
+            created_at=created_at,
+            expires_at=created_at + timedelta(hours=12),
+        ),
+    )
+    return row, {"Authorization": f"Bearer {token}"}
 
 
 async def create_location(session: AsyncSession, **overrides: Any) -> Location:

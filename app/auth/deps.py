@@ -1,4 +1,4 @@
-"""Who is asking: the bearer token's user, and the admin-only guard."""
+"""Who is asking: the bearer token and its user, and the admin-only guard."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-async def current_user(session: SessionDep, credentials: Credentials) -> User:
+async def current_caller(session: SessionDep, credentials: Credentials) -> service.Caller:
     return await service.authenticate(session, _token(credentials))
+
+
+async def current_user(caller: Annotated[service.Caller, Depends(current_caller)]) -> User:
+    return caller.user
 
 
 async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
@@ -34,5 +38,6 @@ async def admin_user(user: Annotated[User, Depends(current_user)]) -> User:
     return user
 
 
+CurrentCaller = Annotated[service.Caller, Depends(current_caller)]
 CurrentUser = Annotated[User, Depends(current_user)]
 AdminUser = Annotated[User, Depends(admin_user)]

@@ -6,13 +6,14 @@ from datetime import timedelta
 from fastapi import APIRouter, Request, status
 
 from app.auth import service
-from app.auth.deps import CurrentUser
+from app.auth.deps import CurrentCaller, CurrentUser
 from app.auth.schemas import (
     AccessToken,
     ApiTokenCreate,
     ApiTokenCreated,
     ApiTokenRead,
     LoginRequest,
+    SessionRead,
 )
 from app.deps import SessionDep
 from app.models import ApiToken
@@ -34,6 +35,45 @@ async def login(payload: LoginRequest, session: SessionDep, request: Request) ->
     return AccessToken(access_token=token, expires_at=expires_at)
 
 
+@auth_router.post(
+    "/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="End the login session making the request",
+    responses=problem_responses(409),
+)
+async def logout(caller: CurrentCaller) -> None:
+    service.logout(caller)
+
+
+@auth_router.get("/sessions", summary="List your live login sessions")
+async def list_sessions(
+    session: SessionDep, caller: CurrentCaller, page: PageDep
+) -> Page[SessionRead]:
+    stmt = service.live_sessions(caller.user).order_by(ApiToken.created_at.desc(), ApiToken.id)
+
+    def item(row: ApiToken) -> SessionRead:
+        return SessionRead(
+            id=row.id,
+            prefix=row.prefix,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            last_used_at=row.last_used_at,
+            current=row.id == caller.token.id,
+        )
+
+    return await page_of(session, stmt, page, item)
+
+
+@auth_router.delete(
+    "/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="End one of your login sessions",
+    responses=problem_responses(404),
+)
+async def delete_session(session_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> None:
+    await service.revoke_session(session, user, session_id)
+
+
 @tokens_router.get("", name="list", summary="List your personal API tokens")
 async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Page[ApiTokenRead]:
     stmt = service.personal_tokens(user).order_by(ApiToken.created_at.desc(), ApiToken.id)
@@ -41,12 +81,20 @@ async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Pag
 
 
 @tokens_router.post(
-    "", status_code=status.HTTP_201_CREATED, summary="Create a personal API token (shown once)"
+    "",
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a personal API token (shown once)",
+    description="Needs `current_password` unless called with a login session a few minutes "
+    "old. When the administrator set a maximum lifetime (IBP_MAX_TOKEN_DAYS), the token must "
+    "expire within it.",
+    responses=problem_responses(403),
 )
 async def create(
-    payload: ApiTokenCreate, session: SessionDep, user: CurrentUser
+    payload: ApiTokenCreate, session: SessionDep, caller: CurrentCaller, request: Request
 ) -> ApiTokenCreated:
-    row, token = await service.create_token(session, user, payload)
+    service.confirm_identity(caller, payload.current_password)
+    max_days = request.app.state.settings.max_token_days
+    row, token = await service.create_token(session, caller.user, payload, max_days=max_days)
     return ApiTokenCreated(
         id=row.id,
         name=row.name,

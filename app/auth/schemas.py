@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from app.schemas import RequestBody, Schema
+from app.security import FRESH_LOGIN_MINUTES
 
 
 class LoginRequest(RequestBody):
@@ -23,7 +24,22 @@ class AccessToken(BaseModel):
 class ApiTokenCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     expires_at: datetime | None = Field(
-        default=None, description="When the token stops working (UTC). Omit for no expiry."
+        default=None,
+        description="When the token stops working (UTC). Omit both this and expires_in_days "
+        "for no expiry (refused when the administrator set a maximum, IBP_MAX_TOKEN_DAYS).",
+    )
+    expires_in_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36500,
+        description="Or: the token stops working after this many days.",
+    )
+    current_password: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Your password. Required unless you call with a login session less than "
+        f"{FRESH_LOGIN_MINUTES} minutes old.",
     )
 
     @field_validator("expires_at")
@@ -44,6 +60,15 @@ class ApiTokenRead(Schema):
     created_at: datetime
     expires_at: datetime | None
     last_used_at: datetime | None
+
+
+class SessionRead(Schema):
+    id: uuid.UUID
+    prefix: str = Field(description="The session token's first characters, to recognise it.")
+    created_at: datetime
+    expires_at: datetime
+    last_used_at: datetime | None
+    current: bool = Field(description="Whether this is the session making the request.")
 
 
 class ApiTokenCreated(ApiTokenRead):

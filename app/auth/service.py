@@ -1,18 +1,25 @@
-"""Login, bearer-token authentication and personal API tokens."""
+"""Login, bearer-token authentication, login sessions and personal API tokens.
+
+Every way a user's credentials end (logout, a revoked session, a password change, a disabled
+account) sets `revoked_at` on token rows, and `authenticate` reads that row on every request,
+so an ended credential answers 401 from the next request on.
+"""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.schemas import ApiTokenCreate
-from app.errors import NotFound, Unauthorized, Unprocessable
+from app.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from app.models import ApiToken, User
 from app.security import (
     DUMMY_PASSWORD_HASH,
+    FRESH_LOGIN_MINUTES,
     PERSONAL_PREFIX,
     SESSION_PREFIX,
     new_token,
@@ -24,10 +31,19 @@ from app.values import TokenKind
 # last_used_at is refreshed at most this often, so reads do not each cost a write.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 PREFIX_CHARS = 12
+FRESH_LOGIN = timedelta(minutes=FRESH_LOGIN_MINUTES)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking, and with which token (a login session or a personal token)."""
+
+    user: User
+    token: ApiToken
 
 
 async def login(
@@ -39,6 +55,9 @@ async def login(
         raise Unauthorized("Wrong email or password")
     if not verify_password(password, user.password_hash):
         raise Unauthorized("Wrong email or password")
+    if user.disabled:
+        # Said only to someone who knows the password: it reveals nothing to a guesser.
+        raise Unauthorized("This account is disabled")
     token = new_token(SESSION_PREFIX)
     expires_at = _now() + lifetime
     session.add(_token_row(user.id, TokenKind.SESSION, "login session", token, expires_at))
@@ -68,7 +87,7 @@ _TOKEN_USER = (
 )
 
 
-async def authenticate(session: AsyncSession, token: str) -> User:
+async def authenticate(session: AsyncSession, token: str) -> Caller:
     """The token's user, read from the database on every request (revocation is seen at once)."""
     row = (await session.execute(_TOKEN_USER, {"digest": token_digest(token)})).first()
     now = _now()
@@ -79,29 +98,117 @@ async def authenticate(session: AsyncSession, token: str) -> User:
         raise Unauthorized("Token has been revoked")
     if api_token.expires_at is not None and api_token.expires_at <= now:
         raise Unauthorized("Token has expired")
+    if user.disabled:
+        raise Unauthorized("This account is disabled")
     if api_token.last_used_at is None or now - api_token.last_used_at > LAST_USED_RESOLUTION:
         await session.execute(
             update(ApiToken).where(ApiToken.id == api_token.id).values(last_used_at=now)
         )
-    return user
+    return Caller(user=user, token=api_token)
 
 
-async def create_token(
-    session: AsyncSession, user: User, payload: ApiTokenCreate
-) -> tuple[ApiToken, str]:
-    if payload.expires_at is not None:
+async def revoke_all(session: AsyncSession, user_id: uuid.UUID, *, keep: uuid.UUID | None) -> None:
+    """End every live token of the user, sessions and personal tokens alike, but `keep`.
+
+    Called when the password changes or the account is disabled: whoever held a session or a
+    token before must not keep the account.
+    """
+    stmt = update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+    if keep is not None:
+        stmt = stmt.where(ApiToken.id != keep)
+    await session.execute(stmt.values(revoked_at=_now()))
+
+
+# --- login sessions ---------------------------------------------------------------------------
+
+
+def live_sessions(user: User) -> Select[ApiToken]:
+    """The user's login sessions that still work (revoked and expired ones are not listed)."""
+    return select(ApiToken).where(
+        ApiToken.user_id == user.id,
+        ApiToken.kind == TokenKind.SESSION,
+        ApiToken.revoked_at.is_(None),
+        ApiToken.expires_at > _now(),
+    )
+
+
+def logout(caller: Caller) -> None:
+    if caller.token.kind != TokenKind.SESSION:
+        raise Conflict(
+            "This is a personal API token, not a login session: "
+            "revoke it with DELETE /tokens/{token_id}"
+        )
+    caller.token.revoked_at = _now()
+
+
+async def revoke_session(session: AsyncSession, user: User, session_id: uuid.UUID) -> None:
+    row = await session.scalar(live_sessions(user).where(ApiToken.id == session_id))
+    if row is None:
+        raise NotFound("Session not found")
+    row.revoked_at = _now()
+
+
+# --- personal tokens --------------------------------------------------------------------------
+
+
+def confirm_identity(caller: Caller, current_password: str | None) -> None:
+    """Refuse a sensitive change unless the caller proves to be the account's owner now.
+
+    Either the password is given, or the request comes from a login session created within
+    FRESH_LOGIN.
+    """
+    if current_password is not None:
+        if not verify_password(current_password, caller.user.password_hash):
+            raise Forbidden("current_password is wrong")
+        return
+    token = caller.token
+    if token.kind == TokenKind.SESSION and _now() - token.created_at < FRESH_LOGIN:
+        return
+    raise Forbidden(
+        "Give your current password (current_password), or log in again: "
+        f"a login session may do this without it for {FRESH_LOGIN_MINUTES} minutes"
+    )
+
+
+def _expiry_error(field: str, message: str, kind: str) -> Unprocessable:
+    return Unprocessable(
+        f"{field}: {message}", errors=[{"field": field, "message": message, "type": kind}]
+    )
+
+
+def _expires_at(payload: ApiTokenCreate, now: datetime, max_days: int | None) -> datetime | None:
+    """The token's expiry from the request, within the administrator's maximum if one is set."""
+    if payload.expires_at is not None and payload.expires_in_days is not None:
+        raise _expiry_error(
+            "expires_in_days", "give expires_at or expires_in_days, not both", "both"
+        )
+    field = "expires_in_days" if payload.expires_in_days is not None else "expires_at"
+    if payload.expires_in_days is not None:
+        expires_at: datetime | None = now + timedelta(days=payload.expires_in_days)
+    elif payload.expires_at is not None:
         expires_at = payload.expires_at
         if expires_at.tzinfo is None:
             expires_at = expires_at.replace(tzinfo=UTC)
-        if expires_at <= _now():
-            raise Unprocessable(
-                "expires_at: must be in the future",
-                errors=[
-                    {"field": "expires_at", "message": "must be in the future", "type": "past"}
-                ],
-            )
+        if expires_at <= now:
+            raise _expiry_error("expires_at", "must be in the future", "past")
     else:
         expires_at = None
+    if max_days is not None:
+        if expires_at is None:
+            raise _expiry_error(
+                field, f"required: tokens expire within {max_days} days here", "missing"
+            )
+        if expires_at > now + timedelta(days=max_days):
+            raise _expiry_error(
+                field, f"must be within {max_days} days (the administrator's maximum)", "too_far"
+            )
+    return expires_at
+
+
+async def create_token(
+    session: AsyncSession, user: User, payload: ApiTokenCreate, *, max_days: int | None
+) -> tuple[ApiToken, str]:
+    expires_at = _expires_at(payload, _now(), max_days)
     token = new_token(PERSONAL_PREFIX)
     row = _token_row(user.id, TokenKind.PERSONAL, payload.name, token, expires_at)
     session.add(row)

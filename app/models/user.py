@@ -21,10 +21,16 @@ class User(IdMixin, TimestampMixin, Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16), default=Role.USER)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # Set by an admin: the account can neither log in nor use a token until it is cleared.
+    disabled_at: Mapped[datetime | None] = mapped_column()
 
     @property
     def is_admin(self) -> bool:
         return self.role == Role.ADMIN
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 class ApiToken(IdMixin, Base):

@@ -4,12 +4,12 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth.deps import AdminUser, CurrentUser
+from app.auth.deps import AdminUser, CurrentCaller, CurrentUser
 from app.deps import SessionDep
 from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 from app.users import service
-from app.users.schemas import MeUpdate, UserCreate, UserRead, UserUpdate
+from app.users.schemas import MeUpdate, PasswordChange, UserCreate, UserRead, UserUpdate
 
 me_router = APIRouter(prefix="/me", tags=["me"], responses=problem_responses(401, 422))
 users_router = APIRouter(
@@ -25,6 +25,18 @@ async def get(user: CurrentUser) -> UserRead:
 @me_router.patch("", summary="Change your name or time zone")
 async def update(payload: MeUpdate, session: SessionDep, user: CurrentUser) -> UserRead:
     return UserRead.model_validate(await service.update_me(session, user, payload))
+
+
+@me_router.post(
+    "/password",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Change your password (ends your other sessions and your personal tokens)",
+    responses=problem_responses(403),
+)
+async def change_password(
+    payload: PasswordChange, session: SessionDep, caller: CurrentCaller
+) -> None:
+    await service.change_password(session, caller, payload)
 
 
 @users_router.get("", name="list", summary="List users (admin)")
@@ -51,10 +63,14 @@ async def read(user_id: uuid.UUID, session: SessionDep, _: AdminUser) -> UserRea
     "/{user_id}", name="update", summary="Update a user (admin)", responses=problem_responses(409)
 )
 async def update_user(
-    user_id: uuid.UUID, payload: UserUpdate, session: SessionDep, _: AdminUser
+    user_id: uuid.UUID,
+    payload: UserUpdate,
+    session: SessionDep,
+    _: AdminUser,
+    caller: CurrentCaller,
 ) -> UserRead:
     user = await service.get_user(session, user_id)
-    return UserRead.model_validate(await service.update_user(session, user, payload))
+    return UserRead.model_validate(await service.update_user(session, user, payload, caller))
 
 
 @users_router.delete(

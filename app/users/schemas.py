@@ -15,6 +15,7 @@ class UserRead(Schema):
     name: str
     role: Role
     timezone: str
+    disabled: bool = Field(description="A disabled account can neither log in nor use a token.")
     created_at: datetime
     updated_at: datetime
 
@@ -33,6 +34,11 @@ class UserUpdate(RequestBody):
     password: str | None = Field(default=None, min_length=8, max_length=1024)
     role: Role | None = None
     timezone: TimeZoneName | None = None
+    disabled: bool | None = Field(
+        default=None,
+        description="true ends the user's sessions and tokens and refuses new logins; "
+        "false lets the user log in again.",
+    )
 
 
 class MeUpdate(RequestBody):
@@ -40,3 +46,10 @@ class MeUpdate(RequestBody):
     timezone: TimeZoneName | None = Field(
         default=None, description="IANA time zone; the user's policies are re-planned in it."
     )
+
+
+class PasswordChange(RequestBody):
+    """Changing the password ends every other session and all personal tokens."""
+
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.auth.service import Caller, confirm_identity, revoke_all
 from app.errors import Conflict, NotFound
 from app.models import BackupPolicy, Instance, User
 from app.policies.service import replan_owner_policies
-from app.security import hash_password
-from app.users.schemas import MeUpdate, UserCreate, UserUpdate
+from app.security import hash_password, verify_password
+from app.users.schemas import MeUpdate, PasswordChange, UserCreate, UserUpdate
 from app.values import Role
 
 
@@ -50,13 +52,29 @@ async def create_user(session: AsyncSession, payload: UserCreate) -> User:
     return user
 
 
-async def update_user(session: AsyncSession, user: User, payload: UserUpdate) -> User:
+async def update_user(
+    session: AsyncSession, user: User, payload: UserUpdate, acting: Caller
+) -> User:
+    """An admin's change. A new password or disabling ends all the user's sessions and tokens
+    (the admin's own calling token survives a change to the admin's own password)."""
     if payload.email is not None:
         email = payload.email.lower()
         await _ensure_email_free(session, email, user.id)
         user.email = email
+    end_credentials = False
     if payload.password is not None:
         user.password_hash = hash_password(payload.password)
+        end_credentials = True
+    if payload.disabled is True and not user.disabled:
+        if user.id == acting.user.id:
+            raise Conflict("You cannot disable your own account")
+        user.disabled_at = datetime.now(UTC)
+        end_credentials = True
+    elif payload.disabled is False:
+        user.disabled_at = None
+    if end_credentials:
+        keep = acting.token.id if user.id == acting.user.id else None
+        await revoke_all(session, user.id, keep=keep)
     if payload.role is not None:
         user.role = payload.role
     if payload.name is not None:
@@ -74,6 +92,15 @@ async def update_me(session: AsyncSession, user: User, payload: MeUpdate) -> Use
         await set_timezone(session, user, payload.timezone)
     await session.flush()
     return user
+
+
+async def change_password(session: AsyncSession, caller: Caller, payload: PasswordChange) -> None:
+    """The user's own change: every other session and every personal token ends (a reset after
+    a compromise must lock the intruder out); the session or token making the change survives,
+    its holder having just proved the password."""
+    confirm_identity(caller, payload.current_password)
+    caller.user.password_hash = hash_password(payload.new_password)
+    await revoke_all(session, caller.user.id, keep=caller.token.id)
 
 
 async def set_timezone(session: AsyncSession, user: User, zone: str) -> None:
@@ -106,5 +133,11 @@ async def ensure_admin(session: AsyncSession, email: str, password: str) -> tupl
         )
         return user, True
     user.role = Role.ADMIN
-    user.password_hash = hash_password(password)
+    # The operator's way back into the service: the account works again, and whoever held its
+    # sessions or tokens before a reset does not. The same password again (scripts/dev runs
+    # this at every start) is no reset: the admin's tokens keep working.
+    user.disabled_at = None
+    if not verify_password(password, user.password_hash):
+        user.password_hash = hash_password(password)
+        await revoke_all(session, user.id, keep=None)
     return user, False

@@ -131,7 +131,9 @@ async def test_create_token_returns_plaintext_once_with_prefix(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     user, headers = await user_with_headers(session)
-    response = await client.post("/tokens", json={"name": "ci"}, headers=headers)
+    response = await client.post(
+        "/tokens", json={"name": "ci", "current_password": PASSWORD}, headers=headers
+    )
     assert response.status_code == 201, response.text
     body = response.json()
     token = body["token"]
@@ -155,7 +157,11 @@ async def test_token_list_never_shows_the_token_or_its_hash(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     _, headers = await user_with_headers(session)
-    created = (await client.post("/tokens", json={"name": "ci"}, headers=headers)).json()
+    created = (
+        await client.post(
+            "/tokens", json={"name": "ci", "current_password": PASSWORD}, headers=headers
+        )
+    ).json()
     listed = await client.get("/tokens", headers=headers)
     assert listed.status_code == 200
     body = listed.json()
@@ -171,7 +177,11 @@ async def test_deleted_token_is_revoked_and_then_401(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     _, headers = await user_with_headers(session)
-    created = (await client.post("/tokens", json={"name": "ci"}, headers=headers)).json()
+    created = (
+        await client.post(
+            "/tokens", json={"name": "ci", "current_password": PASSWORD}, headers=headers
+        )
+    ).json()
     deleted = await client.delete(f"/tokens/{created['id']}", headers=headers)
     assert deleted.status_code == 204
     response = await client.get("/me", headers=bearer(created["token"]))
@@ -188,7 +198,11 @@ async def test_user_cannot_delete_someone_elses_token(
 ) -> None:
     _, headers = await user_with_headers(session)
     _, other_headers = await user_with_headers(session)
-    created = (await client.post("/tokens", json={"name": "x"}, headers=other_headers)).json()
+    created = (
+        await client.post(
+            "/tokens", json={"name": "x", "current_password": PASSWORD}, headers=other_headers
+        )
+    ).json()
     response = await client.delete(f"/tokens/{created['id']}", headers=headers)
     assert_problem(response, 404)
     assert (await client.get("/me", headers=bearer(created["token"]))).status_code == 200
@@ -198,7 +212,11 @@ async def test_using_a_token_sets_last_used_at(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     _, headers = await user_with_headers(session)
-    created = (await client.post("/tokens", json={"name": "ci"}, headers=headers)).json()
+    created = (
+        await client.post(
+            "/tokens", json={"name": "ci", "current_password": PASSWORD}, headers=headers
+        )
+    ).json()
     assert created["last_used_at"] is None
     before = datetime.now(UTC)
     assert (await client.get("/me", headers=bearer(created["token"]))).status_code == 200
@@ -214,7 +232,9 @@ async def test_token_with_future_expiry_works_until_it_expires(
     _, headers = await user_with_headers(session)
     expires = datetime.now(UTC) + timedelta(days=1)
     created = await client.post(
-        "/tokens", json={"name": "short", "expires_at": expires.isoformat()}, headers=headers
+        "/tokens",
+        json={"name": "short", "current_password": PASSWORD, "expires_at": expires.isoformat()},
+        headers=headers,
     )
     assert created.status_code == 201, created.text
     body = created.json()
@@ -234,7 +254,9 @@ async def test_token_expiring_in_the_past_is_422(
     _, headers = await user_with_headers(session)
     expires = datetime.now(UTC) + delta
     response = await client.post(
-        "/tokens", json={"name": "old", "expires_at": expires.isoformat()}, headers=headers
+        "/tokens",
+        json={"name": "old", "current_password": PASSWORD, "expires_at": expires.isoformat()},
+        headers=headers,
     )
     body = assert_problem(response, 422, field="expires_at")
     assert [e["field"] for e in body["errors"]] == ["expires_at"]

@@ -14,11 +14,18 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import iter_route_contexts
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import admin_user, current_user
+from app.auth.deps import admin_user, current_caller
 from app.config import get_settings
 from app.main import API_PREFIX, create_app
 from tests.api.helpers import admin_with_headers, assert_problem, user_with_headers
-from tests.factories import create_backup, create_instance, create_policy, create_restore
+from tests.factories import (
+    PASSWORD,
+    create_backup,
+    create_instance,
+    create_policy,
+    create_restore,
+    login_session,
+)
 
 # Endpoints anyone may call.
 PUBLIC = {("POST", "/auth/login"), ("GET", "/health")}
@@ -57,7 +64,7 @@ def _endpoints() -> list[Endpoint]:
                     method=method,
                     path=path.removeprefix(API_PREFIX),
                     admin_only=admin_user in calls,
-                    authenticated=current_user in calls,
+                    authenticated=current_caller in calls,
                 )
             )
     return found
@@ -81,12 +88,14 @@ def _fill(path: str, values: dict[str, Any]) -> str:
 def test_routes_are_enumerated() -> None:
     assert len(ENDPOINTS) > 40
     assert {str(e) for e in ADMIN_ONLY} >= {"GET /users", "POST /instances", "GET /locations"}
-    # Every endpoint but the public ones depends on the bearer-token user.
+    # Every endpoint but the public ones depends on the bearer token's check.
     unguarded = [str(e) for e in PROTECTED if not e.authenticated]
     assert unguarded == []
-    assert {"DELETE /backups/{backup_id}", "DELETE /tokens/{token_id}"} <= {
-        str(e) for e in USER_SCOPED
-    }
+    assert {
+        "DELETE /backups/{backup_id}",
+        "DELETE /tokens/{token_id}",
+        "DELETE /auth/sessions/{session_id}",
+    } <= {str(e) for e in USER_SCOPED}
 
 
 async def test_every_protected_endpoint_is_401_without_a_valid_token(
@@ -151,14 +160,20 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         policy = await create_policy(session, other)
         instance = await create_instance(session, other, backup_policy_id=policy.id)
         backup = await create_backup(session, instance)
-        token = (await client.post("/tokens", json={"name": "t"}, headers=other_headers)).json()
+        token = (
+            await client.post(
+                "/tokens", json={"name": "t", "current_password": PASSWORD}, headers=other_headers
+            )
+        ).json()
         restore = await create_restore(session, instance, backup_id=backup.id)
+        login, login_headers = await login_session(session, other)
         values = {
             "policy_id": policy.id,
             "instance_id": instance.id,
             "backup_id": backup.id,
             "token_id": token["id"],
             "restore_id": restore.id,
+            "session_id": login.id,
         }
         body = BODIES.get(str(endpoint))
         if str(endpoint) == "POST /backup-policies/{policy_id}/instances":
@@ -179,6 +194,7 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         assert policy.name != "stolen", endpoint
         listed = await client.get("/tokens", headers=other_headers)
         assert token["id"] in [t["id"] for t in listed.json()["items"]], endpoint
+        assert (await client.get("/me", headers=login_headers)).status_code == 200, endpoint
     assert failures == []
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.models import User
 from tests.api.helpers import admin_with_headers, create_storage, user_with_headers
 from tests.factories import (
+    PASSWORD,
     create_backup,
     create_chain,
     create_hypervisor,
@@ -164,7 +165,9 @@ async def _run(
                         elif name == "token_id":
                             # A spare token: revoking the one in use would end the run.
                             spare = await client.post(
-                                "/api/v1/tokens", json={"name": "spare"}, headers=who["headers"]
+                                "/api/v1/tokens",
+                                json={"name": "spare", "current_password": PASSWORD},
+                                headers=who["headers"],
                             )
                             case.path_parameters[name] = spare.json()["id"]
                 request = _request_kwargs(case, who["headers"])
