@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import libvirt
@@ -15,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import paths
 from app.cli import main
-from app.models import BackupStorage, Hypervisor, Instance, InstanceDisk, User
+from app.models import ApiToken, BackupStorage, Hypervisor, Instance, InstanceDisk, User
+from app.security import token_digest
 from tests.virt import vmkit
 
 
@@ -57,6 +59,27 @@ def test_worker_for_an_unknown_hypervisor_says_what_to_do() -> None:
 def test_create_token_refuses_an_unknown_email() -> None:
     done = _ibp("create-token", "--email", "nobody@example.com")
     assert done.returncode != 0 and "No user with email" in done.stderr
+
+
+async def test_create_token_expires_within_the_administrators_maximum(
+    committed_engine: AsyncEngine,
+) -> None:
+    async with committed_engine.begin() as conn:
+        user_id = uuid.uuid4()
+        await conn.execute(
+            insert(User).values(id=user_id, email="ops@example.com", name="Ops", password_hash="x")
+        )
+    before = datetime.now(UTC)
+    done = _ibp("create-token", "--email", "ops@example.com", IBP_MAX_TOKEN_DAYS="5")
+    assert done.returncode == 0, done.stderr
+    async with committed_engine.connect() as conn:
+        expires_at = await conn.scalar(
+            select(ApiToken.expires_at).where(
+                ApiToken.token_hash == token_digest(done.stdout.strip())
+            )
+        )
+    assert expires_at is not None
+    assert before + timedelta(days=5) <= expires_at <= datetime.now(UTC) + timedelta(days=5)
 
 
 def test_migrate_outside_a_checkout_says_where_to_run_it(
