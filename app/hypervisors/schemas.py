@@ -2,10 +2,24 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from app.schemas import RequestBody, Schema
+from app.virt.uri import check_libvirt_uri
+
+LibvirtUri = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=500,
+        description="qemu:///system (the worker runs on the hypervisor), or "
+        "qemu+ssh://[user@]host[:port]/system or qemu+tls://host[:port]/system; "
+        "parameters: no_tty (ssh), mode. Anything else is refused.",
+    ),
+    AfterValidator(check_libvirt_uri),
+]
 
 
 class HypervisorRead(Schema):
@@ -23,9 +37,7 @@ class HypervisorRead(Schema):
 class HypervisorCreate(RequestBody):
     name: str = Field(min_length=1, max_length=200)
     location_id: uuid.UUID
-    libvirt_uri: str = Field(
-        default="qemu:///system", min_length=1, max_length=500, pattern=r"^[a-z0-9+]+://"
-    )
+    libvirt_uri: LibvirtUri = "qemu:///system"
     backup_storage_id: uuid.UUID | None = None
     max_concurrent_backups: int = Field(default=2, ge=1, le=64)
     scratch_dir: str = Field(
@@ -36,9 +48,7 @@ class HypervisorCreate(RequestBody):
 class HypervisorUpdate(RequestBody):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     location_id: uuid.UUID | None = None
-    libvirt_uri: str | None = Field(
-        default=None, min_length=1, max_length=500, pattern=r"^[a-z0-9+]+://"
-    )
+    libvirt_uri: LibvirtUri | None = None
     backup_storage_id: uuid.UUID | None = None
     max_concurrent_backups: int | None = Field(default=None, ge=1, le=64)
     scratch_dir: str | None = Field(

@@ -13,6 +13,7 @@ from typing import Any
 import libvirt
 
 from app.virt.errors import DomainNotFound, VirtError
+from app.virt.uri import UriRefused, check_libvirt_uri
 
 # libvirt-python has no type stubs; these aliases document what a value is.
 Connection = Any  # libvirt.virConnect
@@ -54,7 +55,18 @@ def error_text(exc: BaseException) -> str:
 
 @contextmanager
 def connect(uri: str) -> Iterator[Connection]:
-    """Open a read-write connection to ``uri`` for the duration of the block."""
+    """Open a read-write connection to ``uri`` for the duration of the block.
+
+    The URI is checked first (app/virt/uri.py): a hypervisor row written before the API checked
+    URIs may still hold one that makes libvirt run a program here.
+    """
+    try:
+        check_libvirt_uri(uri)
+    except UriRefused as exc:
+        raise VirtError(
+            f"Refusing to connect to the hypervisor at {uri!r}: {exc}; "
+            "correct the hypervisor's libvirt_uri"
+        ) from exc
     register_error_handler()
     try:
         conn = libvirt.open(uri)
