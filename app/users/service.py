@@ -76,6 +76,8 @@ async def update_user(
         keep = acting.token.id if user.id == acting.user.id else None
         await revoke_all(session, user.id, keep=keep)
     if payload.role is not None:
+        if user.is_admin and payload.role != Role.ADMIN:
+            await _keep_an_admin(session, user)
         user.role = payload.role
     if payload.name is not None:
         user.name = payload.name
@@ -119,7 +121,28 @@ async def delete_user(session: AsyncSession, user: User, acting: User) -> None:
             f"User owns {instances} instance(s) and {policies} backup policy(ies); "
             "delete or reassign them first"
         )
+    if user.is_admin:
+        await _keep_an_admin(session, user)
     await session.delete(user)
+
+
+async def _keep_an_admin(session: AsyncSession, user: User) -> None:
+    """Refuse to take admin `user` out of the admins when no other admin would be left: nobody
+    could manage users, hypervisors or storages any more (short of the CLI on the server).
+
+    Every admin row is locked first (in id order, so two such changes cannot deadlock): of two
+    admins demoting or deleting each other at once, the second waits for the first to commit,
+    then sees what it left. FOR NO KEY UPDATE, so rows that merely reference a user (a new
+    policy, a token) are not held up.
+    """
+    admins = await session.scalars(
+        select(User.id)
+        .where(User.role == Role.ADMIN)
+        .order_by(User.id)
+        .with_for_update(key_share=True)
+    )
+    if not any(admin_id != user.id for admin_id in admins):
+        raise Conflict(f"{user.email} is the only admin; make another user admin first")
 
 
 async def ensure_admin(session: AsyncSession, email: str, password: str) -> tuple[User, bool]:
