@@ -1,15 +1,26 @@
-"""Schema pieces every area shares: the ORM base model, pages, time zones, sizes and money."""
+"""Schema pieces every area shares: the ORM base model, request bodies, names, pages, time zones,
+sizes and money."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
-from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple
+from types import NoneType, UnionType
+from typing import Annotated, Any, Generic, TypeVar, TypeVarTuple, Union, get_args, get_origin
 from zoneinfo import available_timezones
 
 from fastapi import Depends, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    Strict,
+    field_validator,
+)
 from sqlalchemy import Select, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,21 +32,52 @@ class Schema(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+_NUL_REFUSED = "must not contain NUL (\\u0000) characters"
+
+
 class RequestBody(BaseModel):
     """Request bodies refuse unknown fields: a typo is a 422, not a silently ignored value.
 
     Text never holds NUL characters: PostgreSQL cannot store them, and without this check the
     request would fail at the database, unable to say which field was wrong.
+
+    Integer and boolean fields are strict: pydantic would otherwise take `"hour": true` as 1,
+    `"3"` as 3 and `1` as true, hiding a client's mistake behind a value it did not mean. Every
+    subclass gets this when it is defined, so a new field cannot forget it.
     """
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        loose = [
+            field
+            for field in cls.model_fields.values()
+            if _int_or_bool(field.annotation)
+            and not any(isinstance(m, Strict) for m in field.metadata)
+        ]
+        for field in loose:
+            field.metadata.append(Strict())
+        if loose:
+            cls.model_rebuild(force=True)
 
     @field_validator("*", mode="after")
     @classmethod
     def _no_nul_characters(cls, value: Any) -> Any:
         if _has_nul(value):
-            raise ValueError("must not contain NUL (\\u0000) characters")
+            raise ValueError(_NUL_REFUSED)
         return value
+
+
+def _int_or_bool(annotation: Any) -> bool:
+    """`int`, `bool`, or either of them or None (`int | None`)."""
+    if annotation in (int, bool):
+        return True
+    if get_origin(annotation) in (Union, UnionType):
+        members = set(get_args(annotation)) - {NoneType}
+        return bool(members) and members <= {int, bool}
+    return False
 
 
 def _has_nul(value: Any) -> bool:
@@ -46,6 +88,36 @@ def _has_nul(value: Any) -> bool:
     if isinstance(value, list | tuple | set | frozenset):
         return any(_has_nul(v) for v in value)
     return False
+
+
+# Characters no name may hold besides control characters (Unicode category Cc) and line or
+# paragraph separators: the bidirectional controls, which make a name display as other text
+# ("report\u202efdp.exe" shows as "reportexe.pdf") or reorder the text around it in a list.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def _readable_name(value: str) -> str:
+    if value and not value.strip():
+        raise ValueError("must not be only spaces")
+    if "\x00" in value:
+        raise ValueError(_NUL_REFUSED)  # in the words every other text field uses
+    for char in value:
+        if char in _BIDI_CONTROLS or unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            raise ValueError(
+                f"must not contain control or bidirectional formatting characters "
+                f"(U+{ord(char):04X})"
+            )
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_readable_name)]
+"""A name people read in lists and logs (policy, storage, hypervisor, location, instance, API
+token): not blank, no control or bidirectional formatting characters."""
+
+UserName = Annotated[str, Field(max_length=200), AfterValidator(_readable_name)]
+"""A person's name: the same rule as Name, but it may be empty (the user has none)."""
 
 
 class Page(BaseModel, Generic[T]):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from app.schemas import RequestBody, Schema
+from app.schemas import Name, RequestBody, Schema
 from app.security import FRESH_LOGIN_MINUTES
 
 
@@ -22,7 +22,7 @@ class AccessToken(BaseModel):
 
 
 class ApiTokenCreate(RequestBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     expires_at: datetime | None = Field(
         default=None,
         description="When the token stops working (UTC). Omit both this and expires_in_days "

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from app.schemas import RequestBody, Schema
+from app.schemas import Name, RequestBody, Schema
 from app.virt.uri import check_libvirt_uri
 
 LibvirtUri = Annotated[
@@ -35,7 +35,7 @@ class HypervisorRead(Schema):
 
 
 class HypervisorCreate(RequestBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     location_id: uuid.UUID
     libvirt_uri: LibvirtUri = "qemu:///system"
     backup_storage_id: uuid.UUID | None = None
@@ -46,7 +46,7 @@ class HypervisorCreate(RequestBody):
 
 
 class HypervisorUpdate(RequestBody):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     location_id: uuid.UUID | None = None
     libvirt_uri: LibvirtUri | None = None
     backup_storage_id: uuid.UUID | None = None

@@ -5,12 +5,13 @@ from datetime import datetime
 
 from pydantic import ConfigDict, Field, field_validator
 
-from app.schemas import RequestBody, Schema
+from app.schemas import Name, RequestBody, Schema
 from app.values import InstanceStatus
 
 
-class DiskSpec(Schema):
-    model_config = ConfigDict(from_attributes=True, extra="forbid")
+# In requests and in reads: a RequestBody, so that its fields are strict.
+class DiskSpec(RequestBody):
+    model_config = ConfigDict(from_attributes=True)
 
     target: str = Field(pattern=r"^[a-z]{1,4}[a-z0-9]{1,6}$", examples=["vda"])
     boot: bool = False
@@ -46,7 +47,7 @@ class InstanceBrief(Schema):
 
 
 class InstanceCreate(RequestBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     owner_id: uuid.UUID
     hypervisor_id: uuid.UUID
     domain_name: str = Field(min_length=1, max_length=200, pattern=r"^[^\s/\x00]+$")
@@ -57,7 +58,7 @@ class InstanceCreate(RequestBody):
 
 
 class InstanceUpdate(RequestBody):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     owner_id: uuid.UUID | None = Field(
         default=None, description="Changing the owner detaches the instance from its policy."
     )

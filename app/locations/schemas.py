@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from app.schemas import DecimalString, RequestBody, Schema
+from app.schemas import DecimalString, Name, RequestBody, Schema
 
 Price = Annotated[DecimalString, Field(ge=0, max_digits=14, decimal_places=6)]
 
@@ -23,12 +23,12 @@ class LocationRead(Schema):
 
 
 class LocationCreate(RequestBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     backup_price_per_gb_month: Price | None = None
 
 
 class LocationUpdate(RequestBody):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     backup_price_per_gb_month: Price | None = Field(
         default=None, description="Send null to remove pricing."
     )

@@ -6,12 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.schemas import RequestBody, Schema
+from app.schemas import Name, RequestBody, Schema
 from app.values import BackupDevice, BackupType, Frequency, PolicyStatus, Weekday
 
 
-class PolicySchedule(Schema):
-    model_config = ConfigDict(from_attributes=True, extra="forbid")
+# In requests and in reads: a RequestBody, so that its hour is a strict integer.
+class PolicySchedule(RequestBody):
+    model_config = ConfigDict(from_attributes=True)
 
     frequency: Frequency
     hour: int = Field(ge=0, le=23, description="Hour of day in the owner's time zone (0-23).")
@@ -29,7 +30,7 @@ class PolicySchedule(Schema):
 
 
 class PolicyCreate(RequestBody):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     owner_id: uuid.UUID | None = Field(
         default=None, description="Admins may create a policy for any user; default: you."
     )
@@ -40,7 +41,7 @@ class PolicyCreate(RequestBody):
 
 
 class PolicyUpdate(RequestBody):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: Name | None = None
     schedule: PolicySchedule | None = None
     max_incremental_chain: int | None = Field(default=None, ge=0, le=30)
     retention_count: int | None = Field(default=None, ge=1, le=365)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from app.schemas import RequestBody, Schema
+from app.schemas import Name, RequestBody, Schema
 from app.values import StorageKind, StorageStatus
 
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -114,8 +114,6 @@ CONFIG_MODELS: dict[str, type[_Config]] = {
     "sftp": SftpConfig,
     "ftp": FtpConfig,
 }
-
-Name = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class LocalStorageCreate(RequestBody):

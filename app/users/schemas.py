@@ -5,7 +5,7 @@ from datetime import datetime
 
 from pydantic import EmailStr, Field
 
-from app.schemas import RequestBody, Schema, TimeZoneName
+from app.schemas import RequestBody, Schema, TimeZoneName, UserName
 from app.values import Role
 
 
@@ -22,7 +22,7 @@ class UserRead(Schema):
 
 class UserCreate(RequestBody):
     email: EmailStr
-    name: str = Field(default="", max_length=200)
+    name: UserName = ""
     password: str = Field(min_length=8, max_length=1024)
     role: Role = Role.USER
     timezone: TimeZoneName = "UTC"
@@ -30,7 +30,7 @@ class UserCreate(RequestBody):
 
 class UserUpdate(RequestBody):
     email: EmailStr | None = None
-    name: str | None = Field(default=None, max_length=200)
+    name: UserName | None = None
     password: str | None = Field(default=None, min_length=8, max_length=1024)
     role: Role | None = None
     timezone: TimeZoneName | None = None
@@ -42,7 +42,7 @@ class UserUpdate(RequestBody):
 
 
 class MeUpdate(RequestBody):
-    name: str | None = Field(default=None, max_length=200)
+    name: UserName | None = None
     timezone: TimeZoneName | None = Field(
         default=None, description="IANA time zone; the user's policies are re-planned in it."
     )
