@@ -68,6 +68,8 @@ async def update_user(
     if payload.disabled is True and not user.disabled:
         if user.id == acting.user.id:
             raise Conflict("You cannot disable your own account")
+        if user.is_admin:
+            await _keep_an_admin(session, user)
         user.disabled_at = datetime.now(UTC)
         end_credentials = True
     elif payload.disabled is False:
@@ -127,8 +129,9 @@ async def delete_user(session: AsyncSession, user: User, acting: User) -> None:
 
 
 async def _keep_an_admin(session: AsyncSession, user: User) -> None:
-    """Refuse to take admin `user` out of the admins when no other admin would be left: nobody
-    could manage users, hypervisors or storages any more (short of the CLI on the server).
+    """Refuse to take admin `user` out of the admins (demoted, disabled, deleted) when no other
+    active admin would be left: nobody could manage users, hypervisors or storages any more
+    (short of the CLI on the server).
 
     Every admin row is locked first (in id order, so two such changes cannot deadlock): of two
     admins demoting or deleting each other at once, the second waits for the first to commit,
@@ -137,7 +140,7 @@ async def _keep_an_admin(session: AsyncSession, user: User) -> None:
     """
     admins = await session.scalars(
         select(User.id)
-        .where(User.role == Role.ADMIN)
+        .where(User.role == Role.ADMIN, User.disabled_at.is_(None))
         .order_by(User.id)
         .with_for_update(key_share=True)
     )

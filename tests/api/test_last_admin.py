@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from app.auth.service import Caller
 from app.config import Settings
 from app.db import build_sessionmaker
 from app.errors import Conflict
@@ -44,6 +45,19 @@ async def test_the_last_admin_cannot_demote_itself(
     assert second.role == Role.ADMIN
 
 
+async def test_a_disabled_admin_does_not_count(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """An admin whose account is disabled cannot manage anything: stepping down next to one
+    would leave no admin who can."""
+    active, headers = await admin_with_headers(session)
+    dormant = await create_admin(session)
+    disabled = await client.patch(f"/users/{dormant.id}", json={"disabled": True}, headers=headers)
+    assert disabled.status_code == 200, disabled.text
+    refused = await client.patch(f"/users/{active.id}", json={"role": "user"}, headers=headers)
+    assert "only admin" in assert_problem(refused, 409)["detail"]
+
+
 async def test_two_admins_demoting_themselves_at_once_leave_one(
     committed_engine: AsyncEngine,
 ) -> None:
@@ -57,7 +71,8 @@ async def test_two_admins_demoting_themselves_at_once_leave_one(
     async def demote(session: AsyncSession, user_id: uuid.UUID) -> None:
         user = await session.get(User, user_id)
         assert user is not None
-        await update_user(session, user, UserUpdate(role=Role.USER))
+        own_token = ApiToken(id=uuid.uuid4(), user_id=user_id)  # each demotes itself
+        await update_user(session, user, UserUpdate(role=Role.USER), Caller(user, own_token))
 
     async with sessions() as first, sessions() as second:
         await demote(first, a.id)  # flushed, not committed: it holds the admin rows
