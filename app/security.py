@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
@@ -30,6 +33,25 @@ def hash_password(password: str) -> str:
 
 def verify_password(password: str, password_hash: str) -> bool:
     return _password_hash.verify(password, password_hash)
+
+
+# An argon2 hash or check is about 100 ms of CPU: on the event loop it would stall every other
+# request, so requests hash in these few threads (argon2 releases the GIL). Few, so a login
+# flood queues here instead of taking every core, and no other work waits behind it.
+_hashing = ThreadPoolExecutor(
+    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="password-hash"
+)
+
+
+async def hash_password_in_thread(password: str) -> str:
+    """hash_password, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_hashing, hash_password, password)
+
+
+async def verify_password_in_thread(password: str, password_hash: str) -> bool:
+    """verify_password, off the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_hashing, verify_password, password, password_hash)
 
 
 # A fixed hash to verify against when the email is unknown, so timing does not reveal accounts.

@@ -92,7 +92,7 @@ async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Pag
 async def create(
     payload: ApiTokenCreate, session: SessionDep, caller: CurrentCaller, request: Request
 ) -> ApiTokenCreated:
-    service.confirm_identity(caller, payload.current_password)
+    await service.confirm_identity(caller, payload.current_password)
     max_days = request.app.state.settings.max_token_days
     row, token = await service.create_token(session, caller.user, payload, max_days=max_days)
     return ApiTokenCreated(

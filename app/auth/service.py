@@ -24,7 +24,7 @@ from app.security import (
     SESSION_PREFIX,
     new_token,
     token_digest,
-    verify_password,
+    verify_password_in_thread,
 )
 from app.values import TokenKind
 
@@ -50,10 +50,8 @@ async def login(
     session: AsyncSession, email: str, password: str, lifetime: timedelta
 ) -> tuple[str, datetime]:
     user = await session.scalar(select(User).where(User.email == email.strip().lower()))
-    if user is None:
-        verify_password(password, DUMMY_PASSWORD_HASH)
-        raise Unauthorized("Wrong email or password")
-    if not verify_password(password, user.password_hash):
+    password_hash = user.password_hash if user is not None else DUMMY_PASSWORD_HASH
+    if not await verify_password_in_thread(password, password_hash) or user is None:
         raise Unauthorized("Wrong email or password")
     if user.disabled:
         # Said only to someone who knows the password: it reveals nothing to a guesser.
@@ -151,14 +149,14 @@ async def revoke_session(session: AsyncSession, user: User, session_id: uuid.UUI
 # --- personal tokens --------------------------------------------------------------------------
 
 
-def confirm_identity(caller: Caller, current_password: str | None) -> None:
+async def confirm_identity(caller: Caller, current_password: str | None) -> None:
     """Refuse a sensitive change unless the caller proves to be the account's owner now.
 
     Either the password is given, or the request comes from a login session created within
     FRESH_LOGIN.
     """
     if current_password is not None:
-        if not verify_password(current_password, caller.user.password_hash):
+        if not await verify_password_in_thread(current_password, caller.user.password_hash):
             raise Forbidden("current_password is wrong")
         return
     token = caller.token

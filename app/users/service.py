@@ -12,7 +12,7 @@ from app.auth.service import Caller, confirm_identity, revoke_all
 from app.errors import Conflict, NotFound
 from app.models import BackupPolicy, Instance, User
 from app.policies.service import replan_owner_policies
-from app.security import hash_password, verify_password
+from app.security import hash_password_in_thread, verify_password_in_thread
 from app.users.schemas import MeUpdate, PasswordChange, UserCreate, UserUpdate
 from app.values import Role
 
@@ -43,7 +43,7 @@ async def create_user(session: AsyncSession, payload: UserCreate) -> User:
         id=uuid.uuid4(),
         email=email,
         name=payload.name,
-        password_hash=hash_password(payload.password),
+        password_hash=await hash_password_in_thread(payload.password),
         role=payload.role,
         timezone=payload.timezone,
     )
@@ -63,7 +63,7 @@ async def update_user(
         user.email = email
     end_credentials = False
     if payload.password is not None:
-        user.password_hash = hash_password(payload.password)
+        user.password_hash = await hash_password_in_thread(payload.password)
         end_credentials = True
     if payload.disabled is True and not user.disabled:
         if user.id == acting.user.id:
@@ -102,8 +102,8 @@ async def change_password(session: AsyncSession, caller: Caller, payload: Passwo
     """The user's own change: every other session and every personal token ends (a reset after
     a compromise must lock the intruder out); the session or token making the change survives,
     its holder having just proved the password."""
-    confirm_identity(caller, payload.current_password)
-    caller.user.password_hash = hash_password(payload.new_password)
+    await confirm_identity(caller, payload.current_password)
+    caller.user.password_hash = await hash_password_in_thread(payload.new_password)
     await revoke_all(session, caller.user.id, keep=caller.token.id)
 
 
@@ -163,7 +163,7 @@ async def ensure_admin(session: AsyncSession, email: str, password: str) -> tupl
     # sessions or tokens before a reset does not. The same password again (scripts/dev runs
     # this at every start) is no reset: the admin's tokens keep working.
     user.disabled_at = None
-    if not verify_password(password, user.password_hash):
-        user.password_hash = hash_password(password)
+    if not await verify_password_in_thread(password, user.password_hash):
+        user.password_hash = await hash_password_in_thread(password)
         await revoke_all(session, user.id, keep=None)
     return user, False
