@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     stale_backup_minutes: float = Field(default=15.0, gt=0)
     # > 0: the tick re-verifies each instance's newest chain when its last check is older.
     verify_interval_hours: float = Field(default=0.0, ge=0)
+    # Login throttling, counted in Redis so it holds across API processes. Every attempt from
+    # one client address counts (it bounds the password hashing one address can cause); only
+    # failures count for an account, in a short window, so someone else's wrong guesses lock
+    # its owner out for one window at most.
+    login_attempts_per_address: int = Field(default=30, ge=1)
+    login_address_window_seconds: int = Field(default=60, ge=1)
+    login_failures_per_account: int = Field(default=5, ge=1)
+    login_account_window_seconds: int = Field(default=60, ge=1)
     # Where local-disk storage lives when the service is started by the README's one command.
     data_dir: str = "./var"
     # Directories under which local and NFS storage paths may lie (an admin could otherwise

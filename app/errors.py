@@ -60,3 +60,14 @@ class SecretsUndecryptable(Conflict):
             "IBP_SECRET_KEY: set the key they were encrypted with, or give the secrets again "
             "(PATCH /backup-storages/{id} with the secret fields)."
         )
+
+
+class TooManyRequests(DomainError):
+    """Too many attempts for now; `retry_after` says in how many seconds to try again."""
+
+    status = 429
+    title = "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.retry_after = retry_after

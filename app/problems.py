@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db import DATABASE_UNREACHABLE, database_unreachable
-from app.errors import DomainError
+from app.errors import DomainError, TooManyRequests
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 BODY_PARSE_ERROR = "There was an error parsing the body"
@@ -45,10 +45,19 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
 
 
+def domain_problem(exc: DomainError) -> JSONResponse:
+    """The response for a domain error; also sent by the body-size middleware, outside routing."""
+    headers: dict[str, str] = {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(exc.retry_after)
+    return problem_response(exc.status, exc.title, exc.detail, headers or None, **exc.extra)
+
+
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return problem_response(exc.status, exc.title, exc.detail, headers, **exc.extra)
+    return domain_problem(exc)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -179,12 +188,17 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "Not found (or not yours)",
         409: "Conflict with the current state",
         422: "Validation failed",
+        429: "Too many attempts; retry after `Retry-After` s",
     }
-    return {
-        status: {
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {
             "model": Problem,
             "description": descriptions.get(status, "Error"),
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
-        for status in statuses
-    }
+        if status == 429:
+            responses[status]["headers"] = {
+                "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}
+            }
+    return responses

@@ -15,9 +15,11 @@ from app.auth.schemas import (
     LoginRequest,
     SessionRead,
 )
+from app.config import Settings
 from app.deps import SessionDep
 from app.models import ApiToken
 from app.problems import problem_responses
+from app.ratelimit import Limit
 from app.schemas import Page, PageDep, page_of
 
 auth_router = APIRouter(prefix="/auth", tags=["auth"], responses=problem_responses(401, 422))
@@ -26,11 +28,34 @@ tokens_router = APIRouter(
 )
 
 
-@auth_router.post("/login", summary="Log in and get a session token")
+def _login_throttle(request: Request) -> service.LoginThrottle:
+    settings: Settings = request.app.state.settings
+    return service.LoginThrottle(
+        redis=request.app.state.arq,
+        per_address=Limit(
+            settings.login_attempts_per_address, settings.login_address_window_seconds
+        ),
+        per_account_failures=Limit(
+            settings.login_failures_per_account, settings.login_account_window_seconds
+        ),
+    )
+
+
+@auth_router.post(
+    "/login", summary="Log in and get a session token", responses=problem_responses(429)
+)
 async def login(payload: LoginRequest, session: SessionDep, request: Request) -> AccessToken:
+    # Behind a reverse proxy this is the proxy's address unless uvicorn is told to trust its
+    # X-Forwarded-For (--proxy-headers --forwarded-allow-ips).
+    address = request.client.host if request.client else "unknown"
     hours = request.app.state.settings.session_lifetime_hours
     token, expires_at = await service.login(
-        session, payload.email, payload.password, timedelta(hours=hours)
+        session,
+        _login_throttle(request),
+        address,
+        payload.email,
+        payload.password,
+        timedelta(hours=hours),
     )
     return AccessToken(access_token=token, expires_at=expires_at)
 

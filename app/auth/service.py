@@ -7,16 +7,20 @@ so an ended credential answers 401 from the next request on.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from redis.asyncio import Redis
 from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app import ratelimit
 from app.auth.schemas import ApiTokenCreate
-from app.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from app.errors import Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized, Unprocessable
 from app.models import ApiToken, User
+from app.ratelimit import Limit
 from app.security import (
     DUMMY_PASSWORD_HASH,
     FRESH_LOGIN_MINUTES,
@@ -46,12 +50,55 @@ class Caller:
     token: ApiToken
 
 
+@dataclass(frozen=True)
+class LoginThrottle:
+    """How many logins are tried: every attempt per client address, failures per account.
+
+    The address limit bounds the password checks one client can cause; the account limit stops
+    guessing spread over many addresses, and counts failures only, in a short window, so that
+    someone else's wrong guesses keep an account's owner out for one window at most.
+    Unknown emails are counted like known ones: a 429 reveals no account.
+    """
+
+    redis: Redis
+    per_address: Limit
+    per_account_failures: Limit
+
+    async def admit(self, address: str, email: str) -> None:
+        wait = await ratelimit.hit(self.redis, f"ibp:login:address:{address}", self.per_address)
+        if wait is not None:
+            raise TooManyRequests(
+                f"Too many login attempts from your address; try again in {wait} s", wait
+            )
+        wait = await ratelimit.exhausted(self.redis, _account_key(email), self.per_account_failures)
+        if wait is not None:
+            raise TooManyRequests(
+                f"Too many failed logins for this account; try again in {wait} s", wait
+            )
+
+    async def failed(self, email: str) -> None:
+        await ratelimit.hit(self.redis, _account_key(email), self.per_account_failures)
+
+
+def _account_key(email: str) -> str:
+    # A digest: emails stay out of Redis, and every key has the same length.
+    return f"ibp:login:account:{hashlib.sha256(email.encode()).hexdigest()}"
+
+
 async def login(
-    session: AsyncSession, email: str, password: str, lifetime: timedelta
+    session: AsyncSession,
+    throttle: LoginThrottle,
+    address: str,
+    email: str,
+    password: str,
+    lifetime: timedelta,
 ) -> tuple[str, datetime]:
-    user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+    email = email.strip().lower()
+    await throttle.admit(address, email)
+    user = await session.scalar(select(User).where(User.email == email))
     password_hash = user.password_hash if user is not None else DUMMY_PASSWORD_HASH
     if not await verify_password_in_thread(password, password_hash) or user is None:
+        await throttle.failed(email)
         raise Unauthorized("Wrong email or password")
     if user.disabled:
         # Said only to someone who knows the password: it reveals nothing to a guesser.
