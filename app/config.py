@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     stale_backup_minutes: float = Field(default=15.0, gt=0)
     # > 0: the tick re-verifies each instance's newest chain when its last check is older.
     verify_interval_hours: float = Field(default=0.0, ge=0)
+    # Request bodies larger than this are refused (413) while they arrive.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # Login throttling, counted in Redis so it holds across API processes. Every attempt from
     # one client address counts (it bounds the password hashing one address can cause); only
     # failures count for an account, in a short window, so someone else's wrong guesses lock

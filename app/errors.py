@@ -62,6 +62,11 @@ class SecretsUndecryptable(Conflict):
         )
 
 
+class ContentTooLarge(DomainError):
+    status = 413
+    title = "Content too large"
+
+
 class TooManyRequests(DomainError):
     """Too many attempts for now; `retry_after` says in how many seconds to try again."""
 

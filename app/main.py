@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
+from app.body_limit import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker
 from app.hypervisors.router import router as hypervisors_router
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = None
     app.state.arq = None
     install_error_handlers(app)
+    # Added before CORS, so CORS wraps it: a browser can read its 413 too.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -109,12 +112,18 @@ _UNAVAILABLE_RESPONSE = {
     "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
 }
 
+_TOO_LARGE_RESPONSE = {
+    "description": "The request body is larger than the API accepts (IBP_MAX_BODY_BYTES)",
+    "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
 
 def _document_problems(app: FastAPI) -> None:
     """Error responses are documented as application/problem+json only: that is what is sent.
 
     (`responses={..., "model": Problem}` makes FastAPI add an application/json twin.) Every
-    operation that reaches the database (all but /health) may also answer 503.
+    operation that reaches the database (all but /health) may also answer 503, and every one
+    that takes a body 413.
     """
     generate = app.openapi
 
@@ -129,6 +138,8 @@ def _document_problems(app: FastAPI) -> None:
                             content.pop("application/json", None)
                     if "401" in operation.get("responses", {}):
                         operation["responses"]["503"] = _UNAVAILABLE_RESPONSE
+                    if "requestBody" in operation:
+                        operation["responses"]["413"] = _TOO_LARGE_RESPONSE
         return app.openapi_schema or generate()
 
     app.openapi = openapi  # type: ignore[method-assign]
