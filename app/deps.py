@@ -4,6 +4,7 @@ response, and the jobs it wants sent once that commit succeeded."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,7 +17,15 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     queue = JobQueue()
     request.state.job_queue = queue
-    async with sessionmaker() as session:
+    async with AsyncExitStack() as stack:
+        # A route that checks its token before reading the body (TokenFirstRoute in
+        # app/auth/deps.py) opened the request's session already: from here this owns it.
+        session: AsyncSession | None = getattr(request.state, "session", None)
+        if session is None:
+            session = await stack.enter_async_context(sessionmaker())
+        else:
+            del request.state.session
+            stack.push_async_callback(session.close)
         yield session
         await session.commit()
     await queue.flush(request.app.state.arq)

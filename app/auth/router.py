@@ -6,7 +6,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Request, status
 
 from app.auth import service
-from app.auth.deps import CurrentCaller, CurrentUser
+from app.auth.deps import CurrentCaller, CurrentUser, TokenFirstRoute
 from app.auth.schemas import (
     AccessToken,
     ApiTokenCreate,
@@ -22,9 +22,17 @@ from app.problems import problem_responses
 from app.ratelimit import Limit
 from app.schemas import Page, PageDep, page_of
 
-auth_router = APIRouter(prefix="/auth", tags=["auth"], responses=problem_responses(401, 422))
+auth_router = APIRouter(
+    route_class=TokenFirstRoute,
+    prefix="/auth",
+    tags=["auth"],
+    responses=problem_responses(401, 422),
+)
 tokens_router = APIRouter(
-    prefix="/tokens", tags=["tokens"], responses=problem_responses(401, 404, 422)
+    route_class=TokenFirstRoute,
+    prefix="/tokens",
+    tags=["tokens"],
+    responses=problem_responses(401, 404, 422),
 )
 
 

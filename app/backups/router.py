@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from app.auth.deps import CurrentUser
+from app.auth.deps import CurrentUser, TokenFirstRoute
 from app.backups import manual, service
 from app.backups.schemas import (
     BackupDeletion,
@@ -20,7 +20,9 @@ from app.problems import problem_responses
 from app.schemas import Page, PageDep, fetch_page
 from app.values import BackupType
 
-router = APIRouter(tags=["backups"], responses=problem_responses(401, 404, 422))
+router = APIRouter(
+    route_class=TokenFirstRoute, tags=["backups"], responses=problem_responses(401, 404, 422)
+)
 
 
 @router.get("/instances/{instance_id}/backups", summary="List an instance's backups")

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth.deps import AdminUser
+from app.auth.deps import AdminUser, TokenFirstRoute
 from app.deps import SessionDep
 from app.hypervisors import service
 from app.hypervisors.schemas import HypervisorCreate, HypervisorRead, HypervisorUpdate
@@ -12,7 +12,10 @@ from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 
 router = APIRouter(
-    prefix="/hypervisors", tags=["hypervisors"], responses=problem_responses(401, 403, 404, 422)
+    route_class=TokenFirstRoute,
+    prefix="/hypervisors",
+    tags=["hypervisors"],
+    responses=problem_responses(401, 403, 404, 422),
 )
 
 

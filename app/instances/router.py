@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from app.auth.deps import AdminUser, CurrentUser
+from app.auth.deps import AdminUser, CurrentUser, TokenFirstRoute
 from app.deps import SessionDep
 from app.instances import service
 from app.instances.schemas import InstanceCreate, InstanceRead, InstanceUpdate
@@ -14,7 +14,10 @@ from app.schemas import Page, PageDep, page_of
 from app.values import InstanceStatus
 
 router = APIRouter(
-    prefix="/instances", tags=["instances"], responses=problem_responses(401, 404, 422)
+    route_class=TokenFirstRoute,
+    prefix="/instances",
+    tags=["instances"],
+    responses=problem_responses(401, 404, 422),
 )
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from app.auth.deps import CurrentUser
+from app.auth.deps import CurrentUser, TokenFirstRoute
 from app.backups import service as backups
 from app.backups.schemas import BackupRead, StatusFilter, TypeFilter
 from app.deps import SessionDep
@@ -23,6 +23,7 @@ from app.schemas import Page, PageDep, fetch_page, page_of
 from app.values import PolicyStatus
 
 router = APIRouter(
+    route_class=TokenFirstRoute,
     prefix="/backup-policies",
     tags=["backup-policies"],
     responses=problem_responses(401, 404, 422),

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth.deps import CurrentUser
+from app.auth.deps import CurrentUser, TokenFirstRoute
 from app.deps import JobQueueDep, SessionDep
 from app.instances.service import get_instance
 from app.problems import problem_responses
@@ -12,7 +12,9 @@ from app.restores import service
 from app.restores.schemas import RestoreCreate, RestoreRead
 from app.schemas import Page, PageDep, page_of
 
-router = APIRouter(tags=["restores"], responses=problem_responses(401, 404, 422))
+router = APIRouter(
+    route_class=TokenFirstRoute, tags=["restores"], responses=problem_responses(401, 404, 422)
+)
 
 
 @router.post(

@@ -4,7 +4,7 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth.deps import AdminUser
+from app.auth.deps import AdminUser, TokenFirstRoute
 from app.deps import JobQueueDep, SessionDep
 from app.problems import problem_responses
 from app.schemas import Page, PageDep
@@ -12,6 +12,7 @@ from app.storages import service
 from app.storages.schemas import BackupStorageCreate, BackupStorageRead, BackupStorageUpdate
 
 router = APIRouter(
+    route_class=TokenFirstRoute,
     prefix="/backup-storages",
     tags=["backup-storages"],
     responses=problem_responses(401, 403, 404, 422),

@@ -4,16 +4,21 @@ import uuid
 
 from fastapi import APIRouter, status
 
-from app.auth.deps import AdminUser, CurrentCaller, CurrentUser
+from app.auth.deps import AdminUser, CurrentCaller, CurrentUser, TokenFirstRoute
 from app.deps import SessionDep
 from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 from app.users import service
 from app.users.schemas import MeUpdate, PasswordChange, UserCreate, UserRead, UserUpdate
 
-me_router = APIRouter(prefix="/me", tags=["me"], responses=problem_responses(401, 422))
+me_router = APIRouter(
+    route_class=TokenFirstRoute, prefix="/me", tags=["me"], responses=problem_responses(401, 422)
+)
 users_router = APIRouter(
-    prefix="/users", tags=["users"], responses=problem_responses(401, 403, 404, 422)
+    route_class=TokenFirstRoute,
+    prefix="/users",
+    tags=["users"],
+    responses=problem_responses(401, 403, 404, 422),
 )
 
 
