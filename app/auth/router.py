@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from fastapi import APIRouter, Request, status
+from fastapi import APIRouter, Request, Response, status
 
 from app.auth import service
 from app.auth.deps import CurrentCaller, CurrentUser, TokenFirstRoute
@@ -36,6 +36,10 @@ tokens_router = APIRouter(
 )
 
 
+# A response carrying a token must not be kept by a browser or a proxy cache.
+NO_STORE = {"Cache-Control": "no-store"}
+
+
 def _login_throttle(request: Request) -> service.LoginThrottle:
     settings: Settings = request.app.state.settings
     return service.LoginThrottle(
@@ -52,7 +56,9 @@ def _login_throttle(request: Request) -> service.LoginThrottle:
 @auth_router.post(
     "/login", summary="Log in and get a session token", responses=problem_responses(429)
 )
-async def login(payload: LoginRequest, session: SessionDep, request: Request) -> AccessToken:
+async def login(
+    payload: LoginRequest, session: SessionDep, request: Request, response: Response
+) -> AccessToken:
     # Behind a reverse proxy this is the proxy's address unless uvicorn is told to trust its
     # X-Forwarded-For (--proxy-headers --forwarded-allow-ips).
     address = request.client.host if request.client else "unknown"
@@ -65,6 +71,7 @@ async def login(payload: LoginRequest, session: SessionDep, request: Request) ->
         payload.password,
         timedelta(hours=hours),
     )
+    response.headers.update(NO_STORE)
     return AccessToken(access_token=token, expires_at=expires_at)
 
 
@@ -123,11 +130,16 @@ async def list_all(session: SessionDep, user: CurrentUser, page: PageDep) -> Pag
     responses=problem_responses(403),
 )
 async def create(
-    payload: ApiTokenCreate, session: SessionDep, caller: CurrentCaller, request: Request
+    payload: ApiTokenCreate,
+    session: SessionDep,
+    caller: CurrentCaller,
+    request: Request,
+    response: Response,
 ) -> ApiTokenCreated:
     await service.confirm_identity(caller, payload.current_password)
     max_days = request.app.state.settings.max_token_days
     row, token = await service.create_token(session, caller.user, payload, max_days=max_days)
+    response.headers.update(NO_STORE)
     return ApiTokenCreated(
         id=row.id,
         name=row.name,

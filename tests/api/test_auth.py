@@ -273,3 +273,15 @@ async def test_revoked_factory_token_is_401(
     row.revoked_at = datetime.now(UTC)
     await session.flush()
     assert_problem(await client.get("/backup-policies", headers=headers), 401)
+
+
+async def test_responses_with_a_token_are_not_stored_by_caches(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    user, headers = await user_with_headers(session)
+    login = await client.post("/auth/login", json={"email": user.email, "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    assert login.headers["cache-control"] == "no-store"
+    minted = await client.post("/tokens", json={"name": "ci"}, headers=headers)
+    assert minted.status_code == 201, minted.text
+    assert minted.headers["cache-control"] == "no-store"
