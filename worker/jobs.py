@@ -120,7 +120,7 @@ def describe(exc: BaseException) -> Words:
         return Words("Backup storage is unreachable", f"Backup storage is unreachable: {exc}")
     if isinstance(exc, StorageError):
         return Words("Backup storage error", f"Backup storage error: {exc}")
-    if isinstance(exc, _VM_ONLY | ChainError | NotRecorded):
+    if isinstance(exc, (*_VM_ONLY, ChainError, NotRecorded)):
         return Words(str(exc))
     if isinstance(exc, SecretsUndecryptable):
         return Words("Backup storage error", exc.detail)

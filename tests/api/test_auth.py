@@ -282,6 +282,8 @@ async def test_responses_with_a_token_are_not_stored_by_caches(
     login = await client.post("/auth/login", json={"email": user.email, "password": PASSWORD})
     assert login.status_code == 200, login.text
     assert login.headers["cache-control"] == "no-store"
-    minted = await client.post("/tokens", json={"name": "ci"}, headers=headers)
+    minted = await client.post(
+        "/tokens", json={"name": "ci", "current_password": PASSWORD}, headers=headers
+    )
     assert minted.status_code == 201, minted.text
     assert minted.headers["cache-control"] == "no-store"

@@ -41,7 +41,8 @@ async def test_check_reports_a_wrong_password(sshd_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error == f"SFTP login failed for user 'ibp-sftp' at 127.0.0.1:{sshd_server.port}"
+    assert result.error == "cannot connect to the storage server (login refused)"
+    assert result.detail == f"SFTP login failed for user 'ibp-sftp' at 127.0.0.1:{sshd_server.port}"
     await driver.close()
 
 
@@ -52,8 +53,11 @@ async def test_check_reports_a_host_key_mismatch(sshd_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith(f"SFTP host key mismatch for 127.0.0.1:{sshd_server.port}")
+    assert result.error == (
+        "cannot connect to the storage server (the server's host key is not the pinned host_key)"
+    )
+    assert result.detail is not None
+    assert result.detail.startswith(f"SFTP host key mismatch for 127.0.0.1:{sshd_server.port}")
     await driver.close()
 
 
@@ -64,8 +68,9 @@ async def test_check_reports_a_refused_connection(sshd_server: Server) -> None:
     result = await driver.check()
 
     assert not result.ok
-    assert result.error is not None
-    assert result.error.startswith(f"cannot connect to SFTP server 127.0.0.1:{port}")
+    assert result.error == "cannot connect to the storage server (connection refused)"
+    assert result.detail is not None
+    assert result.detail.startswith(f"cannot connect to SFTP server 127.0.0.1:{port}")
     await driver.close()
 
 

@@ -107,7 +107,7 @@ async def test_reconcile_removes_orphans_keeps_the_referenced_and_marks_the_miss
 
     async with real_sessionmaker() as session:
         rows = (await session.execute(list_statement(owner, instance_id=instance.id))).all()
-        reads = {r.id: r for r in await to_reads(session, rows)}
+        reads = {r.id: r for r in await to_reads(session, owner, rows)}
     assert reads[full[0].id].restorable and reads[full[0].id].files_missing_at is None
     assert not reads[middle[0].id].restorable and reads[middle[0].id].files_missing_at
     assert not reads[last[0].id].restorable  # it builds on the missing point
