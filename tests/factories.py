@@ -54,43 +54,43 @@ async def create_admin(session: AsyncSession, **overrides: Any) -> User:
     return await create_user(session, role="admin", **overrides)
 
 
-async def auth_headers(session: AsyncSession, user: User) -> dict[str, str]:
-    token = new_token(PERSONAL_PREFIX)
-    await _save(
+async def _token(
+    session: AsyncSession, user: User, kind: str, name: str, **values: Any
+) -> tuple[ApiToken, dict[str, str]]:
+    token = new_token(PERSONAL_PREFIX if kind == "personal" else SESSION_PREFIX)
+    values.setdefault("created_at", datetime.now(UTC))
+    row = await _save(
         session,
         ApiToken(
             id=uuid.uuid4(),
             user_id=user.id,
-            kind="personal",
-            name="test",
+            kind=kind,
+            name=name,
             token_hash=token_digest(token),
             prefix=token[:12],
-            created_at=datetime.now(UTC),
+            **values,
         ),
     )
-    return {"Authorization": f"Bearer {token}"}
+    return row, {"Authorization": f"Bearer {token}"}
+
+
+async def auth_headers(session: AsyncSession, user: User) -> dict[str, str]:
+    return (await _token(session, user, "personal", "test"))[1]
 
 
 async def login_session(
     session: AsyncSession, user: User, age: timedelta = timedelta(0)
 ) -> tuple[ApiToken, dict[str, str]]:
     """A login session of the user, as POST /auth/login makes it, created `age` ago."""
-    token = new_token(SESSION_PREFIX)
     created_at = datetime.now(UTC) - age
-    row = await _save(
+    return await _token(
         session,
-        ApiToken(
-            id=uuid.uuid4(),
-            user_id=user.id,
-            kind="session",
-            name="login session",
-            token_hash=token_digest(token),
-            prefix=token[:12],
-            created_at=created_at,
-            expires_at=created_at + timedelta(hours=12),
-        ),
+        user,
+        "session",
+        "login session",
+        created_at=created_at,
+        expires_at=created_at + timedelta(hours=12),
     )
-    return row, {"Authorization": f"Bearer {token}"}
 
 
 async def create_location(session: AsyncSession, **overrides: Any) -> Location:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -69,3 +70,17 @@ async def create_storage(
     session.add(storage)
     await session.flush()
     return storage
+
+
+class Upload:
+    """A streamed request body of `size` spaces that counts how much of it the server pulled."""
+
+    def __init__(self, size: int, chunk: int = 1024) -> None:
+        self.size, self.chunk = size, chunk
+        self.sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while self.sent < self.size:
+            piece = b" " * min(self.chunk, self.size - self.sent)
+            self.sent += len(piece)
+            yield piece

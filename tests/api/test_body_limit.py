@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.main import create_app
-from tests.api.helpers import assert_problem
+from tests.api.helpers import Upload, assert_problem
 from tests.api.live import serve
 
 LIMIT = 4096
@@ -30,20 +30,6 @@ async def small(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as c:
         yield c
-
-
-class Upload:
-    """A streamed body that counts how much of it the server pulled."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.sent = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while self.sent < self.size:
-            chunk = b" " * min(CHUNK, self.size - self.sent)
-            self.sent += len(chunk)
-            yield chunk
 
 
 def _login_json(size: int) -> bytes:

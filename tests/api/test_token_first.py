@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,10 +13,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import iter_route_contexts
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.deps import current_user
+from app.auth.deps import current_caller
 from app.config import get_settings
 from app.main import API_PREFIX, create_app
-from tests.api.helpers import assert_problem, user_with_headers
+from tests.api.helpers import Upload, assert_problem, user_with_headers
 
 MALFORMED = b'{"name": '
 JSON = {"Content-Type": "application/json"}
@@ -34,27 +33,13 @@ def _calls(dependant: Dependant) -> set[Any]:
 def _token_routes_with_a_body() -> list[tuple[str, str]]:
     found = []
     for route in iter_route_contexts(create_app(get_settings()).routes):
-        if getattr(route, "body_field", None) is None or current_user not in _calls(
+        if getattr(route, "body_field", None) is None or current_caller not in _calls(
             route.dependant
         ):
             continue
         path = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), route.path.removeprefix(API_PREFIX))
         found.extend((method, path) for method in sorted(route.methods or ()))
     return found
-
-
-class Upload:
-    """A streamed body that counts how much of it the server pulled."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.sent = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while self.sent < self.size:
-            chunk = b" " * min(65536, self.size - self.sent)
-            self.sent += len(chunk)
-            yield chunk
 
 
 ROUTES = _token_routes_with_a_body()
@@ -75,7 +60,7 @@ async def test_no_token_and_a_malformed_body_is_401(
 async def test_no_token_and_a_large_allowed_body_is_401_unread(
     client: httpx.AsyncClient,
 ) -> None:
-    upload = Upload(512 * 1024)
+    upload = Upload(512 * 1024, chunk=65536)
     response = await client.post("/backup-policies", content=upload, headers=JSON)
     assert_problem(response, 401)
     assert upload.sent == 0
@@ -84,7 +69,7 @@ async def test_no_token_and_a_large_allowed_body_is_401_unread(
 async def test_a_wrong_token_is_401_unread_and_a_right_one_reads_the_body(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
-    upload = Upload(512 * 1024)
+    upload = Upload(512 * 1024, chunk=65536)
     wrong = {**JSON, "Authorization": "Bearer ibpt_not-a-token"}
     response = await client.post("/backup-policies", content=upload, headers=wrong)
     assert_problem(response, 401)
