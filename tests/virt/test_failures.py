@@ -4,6 +4,7 @@ QEMU killed mid-backup."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import libvirt
@@ -120,14 +121,18 @@ def test_qemu_killed_during_a_backup(
     killed = threading.Event()
 
     def progress(done: int, total: int) -> None:
-        if not running.is_set():
-            vmkit.throttle_block_jobs(vm.name, 1 * MiB)
+        # Only once QEMU lists the job's block jobs can they be slowed: until then, try again at
+        # the next poll (an unslowed job may finish before the kill, and the test proves nothing).
+        if not running.is_set() and vmkit.throttle_block_jobs(vm.name, 1 * MiB) > 0:
             running.set()
 
     if seen == "reading its outcome":
         # The poll that would fail comes after the kill: the job is seen to end, not lost.
         def wait_past_the_kill(*args: object) -> None:
-            progress(0, 0)
+            deadline = time.monotonic() + 60
+            while not running.is_set() and time.monotonic() < deadline:
+                progress(0, 0)
+                time.sleep(0.01)
             assert killed.wait(60)
 
         monkeypatch.setattr("app.virt.backup._wait", wait_past_the_kill)
