@@ -3,15 +3,10 @@ add a real S3 server (``rclone serve s3``) and an API client over committed sess
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
-import httpx
 import pytest
-from arq.connections import ArqRedis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.config import Settings
-from app.main import create_app
 from tests.storage import servers
 from tests.storage.servers import Server
 from tests.worker.conftest import (  # noqa: F401  (fixtures shared with the worker tests)
@@ -19,6 +14,7 @@ from tests.worker.conftest import (  # noqa: F401  (fixtures shared with the wor
     libvirtd,
     make_vm,
     make_world,
+    real_client,
     real_sessionmaker,
     worker_ctx,
     world,
@@ -35,18 +31,3 @@ def s3_server() -> Iterator[Server]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-async def real_client(
-    settings: Settings,
-    real_sessionmaker: async_sessionmaker[AsyncSession],  # noqa: F811
-    arq_redis: ArqRedis,
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The API over committed transactions, so jobs run by the test see what it wrote."""
-    app = create_app(settings)
-    app.state.sessionmaker = real_sessionmaker
-    app.state.arq = arq_redis
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as c:
-        yield c

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
+from app.main import create_app
 from app.models import BackupPolicy, BackupStorage, Hypervisor, Instance, User
 from tests.factories import create_instance, create_location, create_policy, create_user
 from tests.virt.conftest import libvirtd, make_vm  # noqa: F401  (fixtures shared with virt)
@@ -22,6 +24,21 @@ from worker.jobs import RESOURCES, JobContext, Resources
 @pytest.fixture
 def real_sessionmaker(committed_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(committed_engine, expire_on_commit=False, autoflush=False)
+
+
+@pytest.fixture
+async def real_client(
+    settings: Settings,
+    real_sessionmaker: async_sessionmaker[AsyncSession],
+    arq_redis: ArqRedis,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API over committed transactions, so jobs run by the test see what it wrote."""
+    app = create_app(settings)
+    app.state.sessionmaker = real_sessionmaker
+    app.state.arq = arq_redis
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as c:
+        yield c
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
-from arq.connections import ArqRedis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.main import create_app
 from app.models import BackupStorage, Hypervisor, Worker
 from app.security import SecretBox, secret_box
 from tests.factories import auth_headers, create_admin, create_location
@@ -34,19 +32,6 @@ def recording_ftp() -> Iterator[Server]:
     server = servers.start_ftp(password=NEW_PASSWORD, record=True)
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def api(
-    settings: Settings, real_sessionmaker: async_sessionmaker[AsyncSession], arq_redis: ArqRedis
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The API on committed transactions, so that the worker sees what it wrote."""
-    app = create_app(settings)
-    app.state.sessionmaker = real_sessionmaker
-    app.state.arq = arq_redis
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1") as client:
-        yield client
 
 
 async def _ftp_storage_on_a_served_hypervisor(
@@ -93,7 +78,7 @@ def _ftp_config(host: str, port: int) -> dict[str, Any]:
 
 
 async def test_the_new_host_gets_the_new_password_never_the_stored_one(
-    api: httpx.AsyncClient,
+    real_client: httpx.AsyncClient,
     real_sessionmaker: async_sessionmaker[AsyncSession],
     settings: Settings,
     recording_ftp: Server,
@@ -108,27 +93,27 @@ async def test_the_new_host_gets_the_new_password_never_the_stored_one(
         )
         await session.commit()
 
-    moved = await api.patch(
+    moved = await real_client.patch(
         f"/backup-storages/{storage.id}", json={"config": {"host": "127.0.0.1"}}, headers=headers
     )
     assert moved.status_code == 422, moved.text
     assert [e["field"] for e in moved.json()["errors"]] == ["config.password"]
-    still = (await api.get(f"/backup-storages/{storage.id}", headers=headers)).json()
+    still = (await real_client.get(f"/backup-storages/{storage.id}", headers=headers)).json()
     assert still["config"]["host"] == "ftp-old.example.invalid"
 
-    given = await api.patch(
+    given = await real_client.patch(
         f"/backup-storages/{storage.id}",
         json={"config": {"host": "127.0.0.1", "password": NEW_PASSWORD}},
         headers=headers,
     )
     assert given.status_code == 200, given.text
-    accepted = await api.post(f"/backup-storages/{storage.id}/check", headers=headers)
+    accepted = await real_client.post(f"/backup-storages/{storage.id}/check", headers=headers)
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["status"] == "checking"
 
     await _serve_queue_once(settings, hypervisor)
 
-    checked = (await api.get(f"/backup-storages/{storage.id}", headers=headers)).json()
+    checked = (await real_client.get(f"/backup-storages/{storage.id}", headers=headers)).json()
     assert checked["status"] == "ok", checked["last_error"]
     assert checked["last_checked_at"] is not None
     logins = servers.ftp_logins(recording_ftp)

@@ -14,9 +14,7 @@ from arq import Retry
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.config import Settings
 from app.engine.lifecycle import NEVER_STARTED, WORKER_LOST, reap_stale
-from app.main import create_app
 from app.models import Backup, BackupFile, BackupPolicy, BackupStorage
 from app.security import secret_box
 from tests.factories import (
@@ -101,7 +99,10 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
 
 
 async def test_backup_to_an_unreachable_storage_says_why_in_two_views(
-    world: World, worker_ctx: JobContext, real_sessionmaker: Maker, settings: Settings
+    world: World,
+    worker_ctx: JobContext,
+    real_sessionmaker: Maker,
+    real_client: httpx.AsyncClient,
 ) -> None:
     port = free_port()  # nothing listens there
     await _point_storage(
@@ -124,13 +125,10 @@ async def test_backup_to_an_unreachable_storage_says_why_in_two_views(
         policy = await session.get(BackupPolicy, world.policy.id)
         await session.commit()
     assert policy is not None and policy.last_error == f"{world.instance.name}: {backup.error}"
-    app = create_app(settings)
-    app.state.sessionmaker = real_sessionmaker
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1") as client:
-        mine = (await client.get(f"/backups/{backup.id}", headers=owner)).json()
-        theirs = (await client.get(f"/backups/{backup.id}", headers=admin)).json()
-        listed = (await client.get(f"/instances/{world.instance.id}/backups", headers=owner)).json()
+    client = real_client
+    mine = (await client.get(f"/backups/{backup.id}", headers=owner)).json()
+    theirs = (await client.get(f"/backups/{backup.id}", headers=admin)).json()
+    listed = (await client.get(f"/instances/{world.instance.id}/backups", headers=owner)).json()
     assert (mine["error"], mine["error_detail"]) == ("Backup storage is unreachable", None)
     assert listed["items"][0]["error_detail"] is None
     assert "127.0.0.1" not in str(mine) and str(port) not in str(mine)
