@@ -298,9 +298,9 @@ class NbdClient:
 
     async def read(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes (at most MAX_READ) at ``offset``. Safe to call concurrently."""
-        self._check_range("read", offset, length)
         if length > MAX_READ:
             raise NbdError(f"cannot read {length} bytes at once (at most {MAX_READ})")
+        self._check_range("read", offset, length)
         if length == 0:
             return b""
         # Received into a reused buffer, then copied once: cheaper than filling fresh memory
