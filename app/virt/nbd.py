@@ -461,6 +461,13 @@ class NbdClient:
         except asyncio.CancelledError:
             self._break(f"the connection to the NBD server at {self._where} was closed")
             raise
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            self._break(
+                f"the NBD client failed reading from {self._where} ({exc!r})",
+                during=current,
+                cls=NbdError,
+            )
+            raise
 
     def _request(self, cookie: int) -> _Request:
         request = self._pending.get(cookie)
