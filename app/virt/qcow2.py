@@ -91,7 +91,8 @@ class Layout:
     def metadata(self) -> Iterator[bytes]:
         """The first ``data_start`` bytes of the file, one cluster or table at a time."""
         yield self._header()
-        yield self._l1()
+        if self.l1_clusters:
+            yield self._l1()
         yield from self._refcount_table()
         yield from self._refcount_blocks()
         yield from self._l2s()
@@ -224,7 +225,7 @@ def plan(
     l2_tables = tuple(i for i, flag in enumerate(has_table) if flag)
 
     data_clusters = sum(b - a for a, b in stored)
-    l1_clusters = max(1, _ceil(l1_size * 8, CLUSTER))
+    l1_clusters = _ceil(l1_size * 8, CLUSTER)  # none for an empty disk: QEMU would call it leaked
     fixed = 1 + l1_clusters + len(l2_tables) + data_clusters
     blocks, table_clusters = 0, 1
     while True:  # refcount blocks count themselves and the refcount table: iterate to a fixed point

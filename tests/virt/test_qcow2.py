@@ -475,6 +475,16 @@ def test_the_refcount_table_grows_past_one_cluster() -> None:
     assert len(l1) == 40 * 1024 * 8
 
 
+def test_an_empty_disk(tmp_path: Path) -> None:
+    layout = plan(0, [(0, CLUSTER)], [(0, CLUSTER)])
+    assert (layout.runs, layout.zeros, layout.l1_clusters) == ((), (), 0)
+    img = tmp_path / "empty.qcow2"
+    (tmp_path / "empty.raw").touch()
+    write_image(layout, tmp_path / "empty.raw", img)
+    assert_check_clean(img)
+    assert parse(layout, img.read_bytes()) == {}
+
+
 def test_plan_rejects_what_qcow2_cannot_hold() -> None:
     with pytest.raises(ValueError, match="multiple of 512"):
         plan(1000, [])
