@@ -3,9 +3,10 @@
 # NEVER libvirt-daemon-system: it pulls systemd (replaces init), iptables and a network.
 set -euo pipefail
 
+# nbdkit and qemu-nbd (in qemu-utils): NBD servers the NBD client's tests run against.
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-          libvirt-dev pkg-config)
-COMMANDS=(qemu-system-x86_64 qemu-img qemu-io libvirtd virtlogd virsh pkg-config)
+          libvirt-dev pkg-config nbdkit)
+COMMANDS=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd libvirtd virtlogd virsh pkg-config nbdkit)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

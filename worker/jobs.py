@@ -102,7 +102,12 @@ _VM_ONLY = (
     virt.DomainNotFound,
     virt.DiskBusy,
     virt.CheckpointBroken,
-    virt.BackupAborted,
+)
+
+
+SCRATCH_FULL = (
+    "The hypervisor had too little scratch space for what the VM wrote during the backup; the "
+    "backup was stopped so that the VM's own writes never failed"
 )
 
 
@@ -120,6 +125,8 @@ def describe(exc: BaseException) -> Words:
         return Words("Backup storage is unreachable", f"Backup storage is unreachable: {exc}")
     if isinstance(exc, StorageError):
         return Words("Backup storage error", f"Backup storage error: {exc}")
+    if isinstance(exc, virt.ScratchFull):
+        return Words(SCRATCH_FULL, str(exc))
     if isinstance(exc, (*_VM_ONLY, ChainError, NotRecorded)):
         return Words(str(exc))
     if isinstance(exc, SecretsUndecryptable):

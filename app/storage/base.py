@@ -99,11 +99,13 @@ class BackupStorageDriver(Protocol):
     """What a driver can do. Drivers subclass it, so the methods with a body here are
     defaults every driver has; a driver overrides one where it has a better way."""
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult: ...
-
-    async def put_file(self, key: str, path: Path) -> PutResult:
-        """Store a local file under ``key``; the file may be consumed (moved in)."""
-        return await self.put(key, iter_file(path))
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], size: int | None = None
+    ) -> PutResult:
+        """Store the stream under ``key``, hashing the very bytes stored. ``size``, when the
+        caller knows it, is the stream's exact length (S3 picks its part size from it).
+        On failure nothing is left under ``key`` and no upload stays open."""
+        ...
 
     async def local_path(self, key: str) -> Path | None:
         """Where the object at ``key`` is (or would be) a local file; None if not local."""

@@ -105,7 +105,9 @@ class FtpDriver(BackupStorageDriver):
             f"FTP connection to {self._where} lost while {doing} {path}: {exc!r}"
         )
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], size: int | None = None
+    ) -> PutResult:
         path = self._path(key)
         tmp = temp_name(path)
         counter = Sha256Counter()

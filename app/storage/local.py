@@ -18,7 +18,6 @@ from app.storage.base import (
     ObjectNotFound,
     PartialUpload,
     PutResult,
-    Sha256Counter,
     StorageUnreachable,
     is_temp_name,
     iter_file,
@@ -28,8 +27,7 @@ from app.storage.base import (
     validate_key,
     validate_prefix,
 )
-from app.storage.files import copy_file, fsync_path, translate_os_error, write_stream_to_file
-from app.storage.pipeline import fsync_while, hash_file_into
+from app.storage.files import translate_os_error, write_stream_to_file
 
 
 class LocalDriver(BackupStorageDriver):
@@ -53,32 +51,12 @@ class LocalDriver(BackupStorageDriver):
                 reason="the storage directory does not exist",
             )
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], size: int | None = None
+    ) -> PutResult:
         target = self._path(key)
         await self._ready()
         return await write_stream_to_file(chunks, target)
-
-    async def put_file(self, key: str, path: Path) -> PutResult:
-        """Store a local file by moving it in when it is on the same filesystem.
-
-        A backup's scratch file is thrown away after upload anyway; moving it saves writing
-        the disk image a second time. Hashed and fsynced before the rename, so a reader
-        never sees a partial object. Other filesystems get a copy, then the file is removed.
-        """
-        target = self._path(key)
-        await self._ready()
-        await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-        same_fs = (await asyncio.to_thread(os.stat, path)).st_dev == (
-            await asyncio.to_thread(os.stat, target.parent)
-        ).st_dev
-        if not same_fs:
-            result = await copy_file(path, target, self.direct_io)
-            await asyncio.to_thread(path.unlink, True)
-            return result
-        try:
-            return await asyncio.to_thread(_hash_sync_and_move, path, target)
-        except OSError as exc:
-            raise translate_os_error(exc, f"storing {target}") from exc
 
     async def local_path(self, key: str) -> Path:
         path = self._path(key)
@@ -166,16 +144,6 @@ class NfsDriver(LocalDriver):
                 f"{self.root} is not a mount point; is the NFS share{share} mounted?",
                 reason="the NFS share is not mounted",
             )
-
-
-def _hash_sync_and_move(source: Path, target: Path) -> PutResult:
-    counter = Sha256Counter()
-    with source.open("rb", buffering=0) as f:
-        # The writeback of the freshly written scratch file runs while we hash it.
-        fsync_while(f.fileno(), lambda: hash_file_into(f, counter))
-    os.replace(source, target)
-    fsync_path(target.parent)
-    return counter.result()
 
 
 def _walk(root: Path, prefix: str, temps: bool) -> list[ObjectInfo]:

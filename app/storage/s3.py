@@ -8,7 +8,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioboto3
@@ -29,7 +28,6 @@ from app.storage.base import (
     StorageFull,
     StorageUnreachable,
     coalesce,
-    read_blocks,
     run_check,
     validate_key,
     validate_prefix,
@@ -51,6 +49,8 @@ DEFAULT_PARTS_IN_FLIGHT = 2
 # S3 allows 10,000 parts; doubling the part size every 2,000 parts lets one object reach
 # ~310 GB from 5 MiB parts (more with a larger `part_size`) without knowing its size.
 PART_GROWTH_EVERY = 2000
+MAX_PARTS = 10_000
+MiB = 1024 * 1024
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _FULL_CODES = {"EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"}
@@ -140,15 +140,14 @@ class S3Driver(BackupStorageDriver):
     def _key(self, key: str) -> str:
         return self._prefix + validate_key(key)
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], size: int | None = None
+    ) -> PutResult:
         counter = Sha256Counter()
-        await self._upload(key, self._parts(chunks, counter))
-        return counter.result()
-
-    async def put_file(self, key: str, path: Path) -> PutResult:
-        counter = Sha256Counter()
-        # One read per part into the very object sent: no joining, no copy.
-        await self._upload(key, read_blocks(path, self._part_size_for, counter))
+        base = self._part_size
+        if size is not None:  # one part size that fits the object in S3's 10,000 parts
+            base = max(base, -(-size // (MAX_PARTS * MiB)) * MiB)
+        await self._upload(key, self._parts(chunks, counter, base))
         return counter.result()
 
     async def _upload(self, key: str, parts: AsyncIterator[bytes | bytearray]) -> None:
@@ -171,7 +170,7 @@ class S3Driver(BackupStorageDriver):
             await self._multipart(client, key, s3_key, _chain(head, parts))
 
     async def _parts(
-        self, chunks: AsyncIterator[bytes], counter: Sha256Counter
+        self, chunks: AsyncIterator[bytes], counter: Sha256Counter, base: int
     ) -> AsyncIterator[bytearray]:
         """Group chunks into parts of at least the current part size.
 
@@ -184,15 +183,12 @@ class S3Driver(BackupStorageDriver):
             # Hash in a thread (hashlib releases the GIL) so in-flight parts keep moving.
             await asyncio.to_thread(counter.update, chunk)
             part += chunk
-            if len(part) >= self._part_size_for(number + 1):
+            if len(part) >= base << (number // PART_GROWTH_EVERY):
                 number += 1
                 yield part
                 part = bytearray()
         if part or number == 0:
             yield part
-
-    def _part_size_for(self, number: int) -> int:
-        return self._part_size << ((number - 1) // PART_GROWTH_EVERY)
 
     async def _multipart(
         self, client: S3Client, key: str, s3_key: str, parts: AsyncIterator[bytes | bytearray]

@@ -8,7 +8,6 @@ import posixpath
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import asyncssh
@@ -28,7 +27,6 @@ from app.storage.base import (
     is_temp_name,
     partials_among,
     prefix_dir,
-    read_blocks,
     run_check,
     temp_name,
     validate_key,
@@ -36,7 +34,6 @@ from app.storage.base import (
 )
 
 # Writes of a local file: big enough to keep many SFTP requests in flight.
-WRITE_BLOCK = 8 * 1024 * 1024
 
 # AES-GCM is 1.05-1.6x faster than chacha20 where AES-NI exists; the rest keep old servers working.
 _CIPHERS = [
@@ -154,24 +151,15 @@ class SftpDriver(BackupStorageDriver):
         reason = getattr(exc, "reason", None) or str(exc)
         return StorageError(f"SFTP error while {doing} {path} on {self._where}: {reason}")
 
-    async def put(self, key: str, chunks: AsyncIterator[bytes]) -> PutResult:
+    async def put(
+        self, key: str, chunks: AsyncIterator[bytes], size: int | None = None
+    ) -> PutResult:
         counter = Sha256Counter()
 
         async def write(f: asyncssh.SFTPClientFile) -> None:
             async for chunk in chunks:
                 # Hash in a thread while the write is on the wire.
                 await asyncio.gather(asyncio.to_thread(counter.update, chunk), f.write(chunk))
-
-        await self._upload(key, write)
-        return counter.result()
-
-    async def put_file(self, key: str, path: Path) -> PutResult:
-        counter = Sha256Counter()
-
-        async def write(f: asyncssh.SFTPClientFile) -> None:
-            # The next block is read and hashed while this one is on the wire.
-            async for block in read_blocks(path, lambda _: WRITE_BLOCK, counter):
-                await f.write(block)
 
         await self._upload(key, write)
         return counter.result()

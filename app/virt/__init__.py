@@ -1,18 +1,12 @@
-"""The hypervisor side: libvirt backup jobs, checkpoints, disk discovery, qemu-img mechanics.
+"""The hypervisor side: libvirt pull-mode backups read over NBD into qcow2 streams, checkpoints,
+disk discovery, qemu-img mechanics.
 
-Every function blocks (call it through ``asyncio.to_thread``) and opens its own libvirt
-connection, so calls from different threads do not share state.
+Every function but ``pull_backup`` (async) blocks: call it through ``asyncio.to_thread``. Each
+opens its own libvirt connection, so calls from different threads do not share state.
 """
 
 from app.virt._conn import register_error_handler
-from app.virt.backup import (
-    DEFAULT_BACKUP_TIMEOUT,
-    Progress,
-    ScratchFile,
-    abort_job,
-    run_backup,
-    scratch_path,
-)
+from app.virt.backup import abort_job
 from app.virt.checkpoints import (
     delete_checkpoint,
     list_checkpoints,
@@ -21,33 +15,29 @@ from app.virt.checkpoints import (
 )
 from app.virt.domains import DiskInfo, domain_state, list_disks
 from app.virt.errors import (
-    BackupAborted,
     CheckpointBroken,
     DiskBusy,
     DomainNotFound,
     DomainNotRunning,
     DomainStopped,
+    ScratchFull,
     VirtError,
 )
-from app.virt.images import (
-    check_image,
-    image_info,
-    rebase_onto,
-)
+from app.virt.images import check_image, image_info
+from app.virt.pull import Disk, Pull, pull_backup
 
 register_error_handler()
 
 __all__ = [
-    "DEFAULT_BACKUP_TIMEOUT",
-    "BackupAborted",
     "CheckpointBroken",
+    "Disk",
     "DiskBusy",
     "DiskInfo",
     "DomainNotFound",
     "DomainNotRunning",
     "DomainStopped",
-    "Progress",
-    "ScratchFile",
+    "Pull",
+    "ScratchFull",
     "VirtError",
     "abort_job",
     "check_image",
@@ -57,8 +47,6 @@ __all__ = [
     "list_checkpoints",
     "list_disks",
     "prune_checkpoints",
-    "rebase_onto",
+    "pull_backup",
     "reset_checkpoints",
-    "run_backup",
-    "scratch_path",
 ]

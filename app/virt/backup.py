@@ -1,11 +1,21 @@
-"""Push-mode backup jobs (full / incremental) through libvirt's backup API."""
+"""Pull-mode backup jobs through libvirt's backup API: the blocking libvirt half.
+
+``begin_pull`` starts a job that exports each selected disk, as it was at that instant, over
+NBD on a unix socket, and creates the new checkpoint with it; ``finish_pull`` ends it
+(``abortJob`` is the only way a pull job ends) and, on failure, drops the checkpoint so the
+chain never advances past a backup that does not exist. Reading the exports is
+``app.virt.pull``'s part.
+
+Copy-before-write keeps the exports at the job's instant: a block the guest overwrites while
+the job runs is first copied into a scratch file per disk under ``scratch_dir``, which so holds
+only what the guest wrote meanwhile, not a copy of the disk.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,33 +26,40 @@ import libvirt
 from app.virt._conn import Domain, error_code, error_text, open_domain
 from app.virt.checkpoints import checkpoint_disks, checkpoint_names, delete_on_domain
 from app.virt.domains import require_running, state_of, xml_disks
-from app.virt.errors import BackupAborted, CheckpointBroken, DiskBusy, DomainStopped, VirtError
-from app.virt.images import create_full_target, wait_unlocked
-from app.writeback import written_back
+from app.virt.errors import CheckpointBroken, DiskBusy, DomainStopped, VirtError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKUP_TIMEOUT = 6 * 3600.0
-POLL_INTERVAL = 0.1
 ABORT_WAIT = 60.0
+SETTLE_WAIT = 10.0
 # QEMU's death reaches libvirt (the domain turns inactive) a moment after its monitor stops
 # answering: how long a failing job query on a domain still called running is looked at again.
 STOP_GRACE = 5.0
 
-Progress = Callable[[int, int], None]
-
 _BROKEN_HINTS = ("checkpoint inconsistent", "missing or broken bitmap")
 
 
+# Linux's limit on a unix socket's path (sun_path is 108 bytes with its NUL).
+_SOCKET_PATH_MAX = 107
+
+
 @dataclass(frozen=True)
-class ScratchFile:
+class Export:
     target: str  # "vda"
-    path: Path  # qcow2 written by QEMU; an incremental's backing file is the live disk
-    size_bytes: int  # size of the file on disk
+    name: str  # the NBD export's name
+    bitmap: str | None  # an incremental's dirty bitmap: meta context qemu:dirty-bitmap:<bitmap>
 
 
-def scratch_path(scratch_dir: Path, checkpoint: str, target: str) -> Path:
-    return scratch_dir / f"{checkpoint}-{target}.qcow2"
+@dataclass(frozen=True)
+class PullJob:
+    """A running pull-mode backup job."""
+
+    domain: str
+    socket: Path
+    exports: tuple[Export, ...]
+    scratch: tuple[Path, ...]
+    checkpoint: str
+    run_id: int | None  # the domain's ID when it began: tells a restarted QEMU apart
 
 
 def _check_name(kind: str, value: str) -> None:
@@ -50,21 +67,36 @@ def _check_name(kind: str, value: str) -> None:
         raise VirtError(f"Invalid {kind} name {value!r}")
 
 
-def backup_xml(all_targets: list[str], files: dict[str, Path], incremental_from: str | None) -> str:
-    parts = ["<domainbackup mode='push'>"]
+def pull_xml(
+    all_targets: list[str], socket: Path, scratch: dict[str, Path], incremental_from: str | None
+) -> str:
+    parts = ["<domainbackup mode='pull'>"]
     if incremental_from is not None:
         parts.append(f"<incremental>{_text(incremental_from)}</incremental>")
-    parts.append("<disks>")
+    parts.append(f"<server transport='unix' socket={quoteattr(str(socket))}/><disks>")
     for target in all_targets:
-        if target in files:
+        if target in scratch:
             parts.append(
                 f"<disk name={quoteattr(target)} backup='yes' type='file'>"
-                f"<target file={quoteattr(str(files[target]))}/><driver type='qcow2'/></disk>"
+                f"<scratch file={quoteattr(str(scratch[target]))}/></disk>"
             )
         else:
             parts.append(f"<disk name={quoteattr(target)} backup='no'/>")
     parts.append("</disks></domainbackup>")
     return "".join(parts)
+
+
+def exports_of(backup_xml: str, targets: list[str]) -> tuple[Export, ...]:
+    """Each selected disk's export, from ``backupGetXMLDesc``."""
+    found: dict[str, Export] = {}
+    for disk in ET.fromstring(backup_xml).iter("disk"):
+        target, name = disk.get("name"), disk.get("exportname")
+        if target in targets and disk.get("backup", "yes") == "yes":
+            found[target] = Export(target, name or target, disk.get("exportbitmap"))
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise VirtError(f"The backup job exports no disk {', '.join(missing)}")
+    return tuple(found[t] for t in targets)
 
 
 def checkpoint_xml(all_targets: list[str], selected: list[str], name: str) -> str:
@@ -193,13 +225,6 @@ def _preflight(
     return [d.target for d in disks if d.device in ("disk", "lun")]
 
 
-def _capacity(dom: Domain, target: str) -> int:
-    try:
-        return int(dom.blockInfo(target)[0])
-    except libvirt.libvirtError as exc:
-        raise VirtError(f"Cannot read the size of disk {target}: {error_text(exc)}") from exc
-
-
 def _remove(paths: list[Path]) -> None:
     for p in paths:
         try:
@@ -208,23 +233,27 @@ def _remove(paths: list[Path]) -> None:
             log.warning("could not remove scratch file %s: %s", p, exc)
 
 
-def run_backup(
+def scratch_files(scratch_dir: Path, checkpoint: str, targets: list[str]) -> dict[str, Path]:
+    return {t: scratch_dir / f"{checkpoint}-{t}.scratch" for t in targets}
+
+
+def socket_path(scratch_dir: Path, checkpoint: str) -> Path:
+    return scratch_dir / f"{checkpoint}.sock"
+
+
+def begin_pull(
     uri: str,
     domain: str,
     targets: list[str],
     scratch_dir: Path,
     checkpoint: str,
     incremental_from: str | None,
-    progress: Progress | None = None,
-    cancel: threading.Event | None = None,
-    timeout: float = DEFAULT_BACKUP_TIMEOUT,
-) -> list[ScratchFile]:
-    """Back up ``targets`` of a running domain into ``scratch_dir`` and create ``checkpoint``.
+) -> PullJob:
+    """Start a pull-mode backup of ``targets`` of a running domain and create ``checkpoint``.
 
-    Full when ``incremental_from`` is None, else only the blocks changed since that checkpoint
-    (then each file's backing file is the LIVE disk: ``rebase_onto`` it before storing it).
-    Blocks until done; ``progress(processed, total)`` is called with bytes as the job runs.
-    On any failure no scratch file is left and ``checkpoint`` does not exist afterwards.
+    Full when ``incremental_from`` is None, else each export comes with the dirty bitmap of
+    the blocks changed since that checkpoint. On failure nothing is left: no job, no scratch
+    file, no checkpoint. The caller must end the job with ``finish_pull``.
     """
     if not targets:
         raise VirtError("No disk selected for backup")
@@ -235,123 +264,91 @@ def run_backup(
         _check_name("checkpoint", incremental_from)
         if incremental_from == checkpoint:
             raise VirtError("A checkpoint cannot be its own parent")
+    socket = socket_path(scratch_dir, checkpoint)
+    if len(str(socket).encode()) > _SOCKET_PATH_MAX:
+        raise VirtError(
+            f"The scratch directory {scratch_dir} is too long a path for the backup's NBD socket"
+            f" (at most {_SOCKET_PATH_MAX - len(socket.name) - 1} characters)"
+        )
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    files = {t: scratch_path(scratch_dir, checkpoint, t) for t in targets}
-    paths = list(files.values())
+    scratch = scratch_files(scratch_dir, checkpoint, targets)
+    leftovers = [*scratch.values(), socket]
 
     with open_domain(uri, domain) as dom:
         all_targets = _preflight(dom, targets, checkpoint, incremental_from)
-        # Leftovers of a killed run: QEMU refuses an existing target (docs/libvirt.md, pitfall 6).
-        _remove(paths)
-        bxml = backup_xml(all_targets, files, incremental_from)
-        cxml = checkpoint_xml(all_targets, targets, checkpoint)
-        started = False
+        _remove(leftovers)  # of a killed run: libvirt refuses an existing scratch file
         run_id = _domain_id(dom)  # _preflight saw it running
+        bxml = pull_xml(all_targets, socket, scratch, incremental_from)
+        cxml = checkpoint_xml(all_targets, targets, checkpoint)
         try:
-            flags = 0
-            if incremental_from is None:
-                for t, p in files.items():
-                    create_full_target(p, _capacity(dom, t))
-                flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
-            try:
-                dom.backupBegin(bxml, cxml, flags)
-            except libvirt.libvirtError as exc:
-                text = error_text(exc)
-                if error_code(exc) == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT or _broken(text):
-                    raise CheckpointBroken(
-                        f"Checkpoint {incremental_from} cannot be used: {text}"
-                    ) from exc
-                raise VirtError(f"The backup of {domain} could not start: {text}") from exc
-            started = True
-            # When QEMU dies mid-job, libvirt speaks of the job ("domain is not running", a
-            # cancelled job): the words an operator needs are about the process (docs/libvirt.md,
-            # pitfall 13).
-            try:
-                # QEMU writes the files through the page cache and fdatasyncs them at the end of
-                # the job: with their writeback started meanwhile, that last flush has less to
-                # wait for.
-                with written_back(paths):
-                    _wait(dom, progress, cancel, timeout)
-                started = False
-                total = _outcome(dom, incremental_from)
-            except VirtError as exc:
-                stopped = _stopped(dom, run_id)
-                if stopped is None:
-                    raise
-                started = False  # the job went with the process: nothing left to abort
-                raise stopped from exc
-            if total is None:
-                # Someone else read (and so cleared) the completed statistics: the files are
-                # whole if the process that wrote them still runs.
-                stopped = _stopped(dom, run_id)
-                if stopped is not None:
-                    raise stopped
-                log.warning("completed statistics of the backup of %s were not available", domain)
-                total = 0
-            for p in paths:
-                wait_unlocked(p)
-            scratch = [ScratchFile(t, p, p.stat().st_size) for t, p in files.items()]
-            if progress is not None and total > 0:
-                progress(total, total)
-            return scratch
-        except BaseException:
-            if started:
-                try:
-                    _abort(dom)
-                except VirtError as exc:
-                    log.error("%s", exc)
-            _remove(paths)
-            _rollback_checkpoint(dom, checkpoint)
-            raise
+            dom.backupBegin(bxml, cxml, 0)
+        except libvirt.libvirtError as exc:
+            _remove(leftovers)
+            text = error_text(exc)
+            if error_code(exc) == libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT or _broken(text):
+                raise CheckpointBroken(
+                    f"Checkpoint {incremental_from} cannot be used: {text}"
+                ) from exc
+            raise VirtError(f"The backup of {domain} could not start: {text}") from exc
+        job = PullJob(domain, socket, (), tuple(scratch.values()), checkpoint, run_id)
+        try:
+            exports = exports_of(str(dom.backupGetXMLDesc(0)), targets)
+        except (libvirt.libvirtError, ET.ParseError, VirtError) as exc:
+            _end(dom, job, ok=False)
+            raise VirtError(f"Cannot read the backup job of {domain}: {error_text(exc)}") from exc
+        return PullJob(domain, socket, exports, job.scratch, checkpoint, run_id)
 
 
-def _wait(
-    dom: Domain, progress: Progress | None, cancel: threading.Event | None, timeout: float
-) -> None:
-    """Poll the job until it ends. Cancel and timeout are checked first, so a cancel that
-    arrives while the job finishes still wins (the caller aborts and discards everything)."""
-    start = time.monotonic()
-    interval = 0.02
-    while True:
-        if cancel is not None and cancel.is_set():
-            raise BackupAborted("The backup was cancelled")
-        elapsed = time.monotonic() - start
-        if elapsed >= timeout:
-            raise BackupAborted(f"The backup did not finish within {timeout:g}s and was aborted")
-        stats = _job_stats(dom)
-        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
-            return
-        if progress is not None:
-            total = int(stats.get("disk_total", stats.get("data_total", 0)))
-            done = int(stats.get("disk_processed", stats.get("data_processed", 0)))
-            progress(done, total)
-        wait = min(interval, max(0.0, timeout - (time.monotonic() - start)))
-        if cancel is not None:
-            cancel.wait(wait)
-        else:
-            time.sleep(wait)
-        # Poll fast while a job is young (most finish in seconds), relax for long ones.
-        interval = min(interval * 1.5, POLL_INTERVAL if elapsed < 30 else POLL_INTERVAL * 10)
+def finish_pull(uri: str, job: PullJob, failure: BaseException | None = None) -> None:
+    """End the job; remove its scratch files and socket.
+
+    With no ``failure`` (every export was read whole) the job must still be running, else what
+    was read cannot be trusted: VirtError. With one, the checkpoint is deleted too, and when
+    the domain's QEMU process is gone, DomainStopped says so (the caller raises it in place of
+    what the NBD client saw).
+    """
+    with open_domain(uri, job.domain) as dom:
+        stopped = _stopped(dom, job.run_id) if failure is not None else None
+        if stopped is not None:  # the job went with the process: nothing left to abort
+            _remove([*job.scratch, job.socket])
+            _rollback_checkpoint(dom, job.checkpoint)
+            raise stopped
+        _end(dom, job, ok=failure is None)
 
 
-def _outcome(dom: Domain, incremental_from: str | None) -> int | None:
-    """Read the finished job's statistics; raise unless it succeeded. Returns the job's total
-    bytes, or None when the statistics were not available."""
-    stats = _job_stats(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    jtype = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)
-    total = int(stats.get("disk_total", 0))
-    log.debug("backup job of %s ended: %s", dom.name(), stats)
-    if jtype == libvirt.VIR_DOMAIN_JOB_NONE:
+def _end(dom: Domain, job: PullJob, ok: bool) -> None:
+    try:
+        ended = _ended_why(dom)
+        if ended is None:
+            _abort(dom)
+        elif ok:
+            ok = False
+            raise VirtError(f"The backup job ended on the hypervisor before it was read: {ended}")
+    finally:
+        _resume_if_stalled(dom)
+        _remove([*job.scratch, job.socket])
+        if not ok:
+            _rollback_checkpoint(dom, job.checkpoint)
+
+
+def _resume_if_stalled(dom: Domain) -> None:
+    """A guest write whose copy-before-write failed (scratch full) pauses the VM by default;
+    it goes on, its write retried, once the job is gone (docs/libvirt.md, pitfall 15)."""
+    try:
+        state, reason = dom.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+            dom.resume()
+            log.warning("resumed %s, paused by an I/O error during its backup", dom.name())
+    except libvirt.libvirtError as exc:
+        log.error("could not resume %s after its backup: %s", dom.name(), error_text(exc))
+
+
+def _ended_why(dom: Domain) -> str | None:
+    """None while a backup job runs; else what libvirt says of how the last one ended."""
+    if _job_active(dom):
         return None
-    success = stats.get("success")
-    if jtype == libvirt.VIR_DOMAIN_JOB_COMPLETED and success is not False:
-        return total
-    errmsg = str(stats.get("errmsg") or "")
-    if jtype == libvirt.VIR_DOMAIN_JOB_CANCELLED:
-        raise BackupAborted(f"The backup job was cancelled on the hypervisor {errmsg}".strip())
-    if incremental_from is not None and _broken(errmsg):
-        raise CheckpointBroken(f"Checkpoint {incremental_from} cannot be used: {errmsg}")
-    raise VirtError(f"The backup job failed: {errmsg or 'no reason given by libvirt'}")
+    stats = _job_stats(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    return str(stats.get("errmsg") or "no reason given by libvirt")
 
 
 def _rollback_checkpoint(dom: Domain, checkpoint: str) -> None:
@@ -376,7 +373,7 @@ def abort_job(uri: str, domain: str) -> bool:
     For a worker restarting after it was killed mid-backup.
     """
     with open_domain(uri, domain) as dom:
-        stats = _job_stats(dom)
+        stats = _settled_stats(dom)
         if int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
             return False
         operation = stats.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
@@ -384,3 +381,18 @@ def abort_job(uri: str, domain: str) -> bool:
             return False
         _abort(dom)
         return True
+
+
+def _settled_stats(dom: Domain) -> dict[str, Any]:
+    """The job's statistics once libvirt can give them. While a backup job is being set up
+    (its client may have died inside ``backupBegin``) libvirt answers "backup job data
+    missing"; touching the domain's checkpoints then crashed libvirtd 9.0 here (a segfault),
+    so this waits, up to ``SETTLE_WAIT``, for the job to settle."""
+    deadline = time.monotonic() + SETTLE_WAIT
+    while True:
+        try:
+            return _job_stats(dom)
+        except VirtError as exc:
+            if "job data missing" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)

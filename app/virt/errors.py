@@ -44,5 +44,11 @@ class CheckpointBroken(VirtError):
     """
 
 
-class BackupAborted(VirtError):
-    """The backup job was cancelled or timed out; nothing was kept."""
+class ScratchFull(VirtError):
+    """The scratch folder has too little room for a backup's copy-before-write data: found
+    before the start, or while the guest wrote during it (the job was then stopped before the
+    guest's writes could fail)."""
+
+    def __init__(self, message: str, free: int, reserve: int) -> None:
+        super().__init__(message)
+        self.free, self.reserve = free, reserve

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from app.virt.errors import VirtError
+
 __all__ = [
     "MAX_READ",
     "STATE_DIRTY",
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 
-class NbdError(Exception):
+class NbdError(VirtError):
     """The server refused, failed or went away. Message for an operator; says what failed."""
 
 

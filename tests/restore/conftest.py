@@ -16,6 +16,7 @@ from tests.worker.conftest import (  # noqa: F401  (fixtures shared with the wor
     make_world,
     real_client,
     real_sessionmaker,
+    scratch_dir,
     worker_ctx,
     world,
 )

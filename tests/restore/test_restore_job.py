@@ -10,6 +10,7 @@ from sqlalchemy import update
 from app import virt
 from app.models import Backup, BackupChain, BackupPolicy, BackupStorage, Restore
 from app.security import secret_box
+from app.storage.base import iter_file
 from app.storage.registry import get_driver
 from tests.restore.helpers import (
     DISKS,
@@ -75,7 +76,8 @@ async def _move_to_s3(maker: Maker, world: World, server: Server, backups: list[
     try:
         for backup in backups:
             for f in (await files_of(maker, backup.id)).values():
-                result = await driver.put_file(f.object_key, world.storage_dir / f.object_key)
+                path = world.storage_dir / f.object_key
+                result = await driver.put(f.object_key, iter_file(path), path.stat().st_size)
                 assert result.sha256 == f.sha256
     finally:
         await driver.close()

@@ -2,25 +2,73 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from app.virt import ScratchFile, rebase_onto
+from app.virt import pull_backup
 from tests.virt import vmkit
 from tests.virt.images import compare_images, rebuild_chain
 from tests.virt.vmkit import MiB
 
+T = TypeVar("T")
 
-def store(scratch: list[ScratchFile], storage: Path, backup: str, parent: str | None) -> None:
-    """Store scratch files like the backup job does: storage/<backup>/<target>.qcow2.
 
-    An incremental is first rebased onto its parent's stored name (docs/libvirt.md, pitfall 5).
-    """
-    (storage / backup).mkdir(parents=True, exist_ok=True)
-    for f in scratch:
-        if parent is not None:
-            rebase_onto(f.path, f"../{parent}/{f.target}.qcow2")
-        shutil.move(f.path, storage / backup / f"{f.target}.qcow2")
+@dataclass(frozen=True)
+class Stored:
+    target: str
+    path: Path
+    size_bytes: int
+
+
+def back_up(
+    domain: str,
+    targets: list[str],
+    tmp: Path,
+    checkpoint: str,
+    parent: str | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Stored]:
+    """Back up like the job does, into tmp/storage/<checkpoint>/<target>.qcow2 (an
+    incremental's backing file: ../<parent>/<target>.qcow2), scratch under tmp/scratch."""
+    return run_async(_back_up(domain, targets, tmp, checkpoint, parent, progress))
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` in a thread of its own: in this one it would leave no event loop for
+    the async tests that come after (pytest-asyncio looks for one)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coro).result()
+
+
+async def _back_up(
+    domain: str,
+    targets: list[str],
+    tmp: Path,
+    checkpoint: str,
+    parent: str | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[Stored]:
+    backing = {t: f"../{parent}/{t}.qcow2" for t in targets} if parent else {}
+    folder = tmp / "storage" / checkpoint
+    stored: list[Stored] = []
+    async with pull_backup(
+        vmkit.URI, domain, targets, tmp / "scratch", checkpoint, parent, backing, progress
+    ) as pull:
+        folder.mkdir(parents=True, exist_ok=True)
+        for disk in pull.disks:
+            path = folder / f"{disk.target}.qcow2"
+            with open(path.with_suffix(".part"), "wb") as f:
+                async for chunk in pull.stream(disk):
+                    f.write(chunk)
+            os.replace(path.with_suffix(".part"), path)
+            stored.append(Stored(disk.target, path, path.stat().st_size))
+    return stored
 
 
 def restore(storage: Path, chain: list[str], target: str, workdir: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import libvirt
 
-from app.virt import VirtError, rebase_onto
+from app.virt import VirtError
 from app.virt._conn import open_domain
 from app.virt.images import LONG_TIMEOUT, run_qemu_img
 
@@ -46,7 +46,7 @@ def rebuild_chain(files: Sequence[Path], out: Path, out_format: str = "qcow2") -
         if not f.is_file():
             raise VirtError(f"backup file {f} is missing")
     for prev, cur in itertools.pairwise(files):
-        rebase_onto(cur, str(prev.resolve()))
+        run_qemu_img(["rebase", "-u", "-b", str(prev.resolve()), "-F", "qcow2", str(cur)])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     tmp.unlink(missing_ok=True)

@@ -1,20 +1,19 @@
-"""Full and incremental push backups of real running VMs, restored and compared byte for byte."""
+"""Full and incremental pull-mode backups of real running VMs, streamed as qcow2 files, restored
+and compared byte for byte."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from app.virt import (
-    BackupAborted,
     CheckpointBroken,
     DiskBusy,
     DomainNotFound,
     DomainNotRunning,
-    ScratchFile,
     abort_job,
     check_image,
     delete_checkpoint,
@@ -23,10 +22,11 @@ from app.virt import (
     list_checkpoints,
     list_disks,
     prune_checkpoints,
-    run_backup,
+    pull_backup,
 )
+from app.virt.backup import begin_pull
 from tests.virt import vmkit
-from tests.virt.helpers import assert_same, big_vm, restore, store
+from tests.virt.helpers import Stored, assert_same, back_up, big_vm, restore
 from tests.virt.images import data_bytes, job_running
 from tests.virt.vmkit import URI, MiB
 
@@ -39,8 +39,8 @@ def _backup(
     checkpoint: str,
     parent: str | None,
     targets: list[str] = BOTH,
-) -> list[ScratchFile]:
-    return run_backup(URI, vm.name, targets, tmp / "scratch", checkpoint, parent)
+) -> list[Stored]:
+    return back_up(vm.name, targets, tmp, checkpoint, parent)
 
 
 def test_list_disks_and_state(vm: vmkit.VM) -> None:
@@ -80,28 +80,29 @@ def test_full_then_incrementals_restore_every_point(vm: vmkit.VM, tmp_path: Path
             vmkit.snapshot_disk(vm.name, target, snaps / f"{point}-{target}.raw")
         name = f"cp{point}"
         parent = chain[-1] if chain else None
-        scratch = run_backup(
-            URI,
+        stored = back_up(
             vm.name,
             BOTH,
-            tmp_path / "scratch",
+            tmp_path,
             name,
             parent,
-            progress=lambda done, total: seen.append((done, total)),
+            lambda sent, planned: seen.append((sent, planned)),
         )
-        assert [f.target for f in scratch] == BOTH
-        for f in scratch:
-            assert f.path == tmp_path / "scratch" / f"{name}-{f.target}.qcow2"
-            assert f.size_bytes == f.path.stat().st_size > 0
+        assert [f.target for f in stored] == BOTH
+        for f in stored:
+            assert f.path == storage / name / f"{f.target}.qcow2"
+            check_image(f.path)
             if parent is None:
                 assert "backing-filename" not in image_info(f.path)
-            else:  # docs/libvirt.md, pitfall 5: QEMU points an incremental at the live disk
-                assert image_info(f.path)["backing-filename"] == str(vm.disk(f.target))
-        store(scratch, storage, name, parent)
+            else:  # the parent's stored file, relative: the chain opens where it lies
+                info = image_info(f.path)
+                assert info["backing-filename"] == f"../{parent}/{f.target}.qcow2"
+                assert info["backing-filename-format"] == "qcow2"
         chain.append(name)
+        assert seen[-1] == (sum(f.size_bytes for f in stored),) * 2
         assert not list((tmp_path / "scratch").iterdir())
     assert list_checkpoints(URI, vm.name) == ["cp0", "cp1", "cp2"]
-    assert seen and seen[-1][0] == seen[-1][1] > 0
+    assert all(sent <= planned for sent, planned in seen)
 
     for point in range(len(writes)):
         for target in BOTH:
@@ -116,39 +117,36 @@ def test_full_then_incrementals_restore_every_point(vm: vmkit.VM, tmp_path: Path
 def test_full_backup_of_a_disk_larger_than_its_first_l2_tables(
     make_vm: vmkit.VMFactory, tmp_path: Path
 ) -> None:
-    """A full backup's target is made by us with its tables in place (more than one here:
-    one per 512 MiB); data on each side of their edges and at the very end comes back whole.
-    """
+    """More than one L2 table (one per 512 MiB of disk): data on each side of their edges and
+    at the very end comes back whole, and only the data is stored."""
     size = 3 * 1024 * MiB
     vm = make_vm("wide", [("vda", size)])
     for byte, offset in [(0x61, 0), (0x62, 512 * MiB - 64 * 1024), (0x63, 2 * 1024 * MiB)]:
         vmkit.write_pattern(vm.name, "vda", byte, offset, 128 * 1024)
     vmkit.write_pattern(vm.name, "vda", 0x64, size - MiB, MiB)
     snap = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "at-backup.raw")
-    (full,) = run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "wide-0", None)
+    (full,) = back_up(vm.name, ["vda"], tmp_path, "wide-0", None)
     check_image(full.path)
     assert data_bytes(full.path) == 3 * 128 * 1024 + MiB
-    store([full], tmp_path / "storage", "wide-0", None)
     assert_same(restore(tmp_path / "storage", ["wide-0"], "vda", tmp_path / "r"), snap)
     # The chain goes on from it as from any full.
     vmkit.write_pattern(vm.name, "vda", 0x65, 1024 * MiB, 64 * 1024)
     snap = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "at-inc.raw")
-    (inc,) = run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "wide-1", "wide-0")
+    (inc,) = back_up(vm.name, ["vda"], tmp_path, "wide-1", "wide-0")
     assert data_bytes(inc.path) == 64 * 1024
-    store([inc], tmp_path / "storage", "wide-1", "wide-0")
     restored = restore(tmp_path / "storage", ["wide-0", "wide-1"], "vda", tmp_path / "r1")
     assert_same(restored, snap)
 
 
 def test_selecting_only_vda_backs_up_only_vda(vm: vmkit.VM, tmp_path: Path) -> None:
-    scratch = _backup(vm, tmp_path, "only-a", None, ["vda"])
-    assert [f.target for f in scratch] == ["vda"]
-    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["only-a-vda.qcow2"]
+    stored = _backup(vm, tmp_path, "only-a", None, ["vda"])
+    assert [f.target for f in stored] == ["vda"]
+    assert not list((tmp_path / "scratch").iterdir())
     # The checkpoint tracks vda only: an incremental of vdb from it is impossible.
     with pytest.raises(CheckpointBroken, match="does not track disk vdb"):
         _backup(vm, tmp_path, "only-b", "only-a", BOTH)
     assert list_checkpoints(URI, vm.name) == ["only-a"]
-    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["only-a-vda.qcow2"]
+    assert not list((tmp_path / "scratch").iterdir())
     inc = _backup(vm, tmp_path, "only-c", "only-a", ["vda"])
     assert [f.target for f in inc] == ["vda"]
 
@@ -193,7 +191,7 @@ def test_not_running_instances_are_refused(make_vm: vmkit.VMFactory, tmp_path: P
 
 def test_killed_qemu_breaks_the_chain_and_reset_recovers(vm: vmkit.VM, tmp_path: Path) -> None:
     storage = tmp_path / "storage"
-    store(_backup(vm, tmp_path, "k0", None), storage, "k0", None)
+    _backup(vm, tmp_path, "k0", None)
     vmkit.write_pattern(vm.name, "vda", 0x66, 0, 1 * MiB)
     vmkit.kill_qemu(vm.name)
     assert domain_state(URI, vm.name) in ("shut off", "crashed")
@@ -209,12 +207,11 @@ def test_killed_qemu_breaks_the_chain_and_reset_recovers(vm: vmkit.VM, tmp_path:
 
     reset_checkpoints(URI, vm.name)
     assert list_checkpoints(URI, vm.name) == []
-    store(_backup(vm, tmp_path, "k2", None), storage, "k2", None)
+    _backup(vm, tmp_path, "k2", None)
     vmkit.write_pattern(vm.name, "vda", 0x68, 8 * MiB, 1 * MiB)
     snaps = {t: vmkit.snapshot_disk(vm.name, t, tmp_path / f"{t}.raw") for t in BOTH}
     inc = _backup(vm, tmp_path, "k3", "k2")
     assert data_bytes(next(f.path for f in inc if f.target == "vda")) == 1 * MiB
-    store(inc, storage, "k3", "k2")
     for t in BOTH:
         assert_same(restore(storage, ["k2", "k3"], t, tmp_path / "r"), snaps[t])
 
@@ -237,45 +234,28 @@ def test_prune_keeps_only_what_is_asked(vm: vmkit.VM, tmp_path: Path) -> None:
     assert prune_checkpoints(URI, vm.name, keep=[]) == ["c2", "c3", "c4"]
 
 
-def test_cancel_aborts_and_leaves_nothing(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
+async def test_cancel_aborts_and_leaves_nothing(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
     vm = big_vm(make_vm)
-    cancel = threading.Event()
-    cancel.set()  # checked before every poll: the job is aborted right after it started
-    with pytest.raises(BackupAborted, match="cancelled"):
-        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "x1", None, cancel=cancel)
-    assert not list((tmp_path / "scratch").iterdir())
+    scratch = tmp_path / "scratch"
+    streaming = asyncio.Event()
+
+    async def backup() -> None:
+        async with pull_backup(URI, vm.name, BOTH, scratch, "x1", None, {}) as pull:
+            async for _chunk in pull.stream(pull.disks[0]):
+                streaming.set()
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(backup())
+    await asyncio.wait_for(streaming.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not list(scratch.iterdir())
     assert list_checkpoints(URI, vm.name) == []
     assert not job_running(URI, vm.name)
 
-    # Cancel from another thread while the job runs (slowed down so it surely still runs).
-    cancel = threading.Event()
-    calls: list[tuple[int, int]] = []
-
-    def progress(done: int, total: int) -> None:
-        if not calls:
-            vmkit.throttle_block_jobs(vm.name, 1 * MiB)
-            threading.Timer(0.2, cancel.set).start()
-        calls.append((done, total))
-
-    try:
-        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "x1", None, progress, cancel)
-    except BackupAborted:
-        assert calls[-1][0] < calls[-1][1] == 1024 * MiB + 32 * MiB
-    else:  # pragma: no cover - the job beat the first poll on a loaded machine
-        assert not calls or calls[-1][0] == calls[-1][1]
-        delete_checkpoint(URI, vm.name, "x1")
-        for f in (tmp_path / "scratch").iterdir():
-            f.unlink()
-    assert not list((tmp_path / "scratch").iterdir())
-    assert list_checkpoints(URI, vm.name) == []
-
-    with pytest.raises(BackupAborted, match="did not finish within 0s"):
-        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "x1", None, timeout=0)
-    assert not list((tmp_path / "scratch").iterdir())
-    assert list_checkpoints(URI, vm.name) == []
-
     # The same checkpoint name works afterwards: nothing was left behind.
-    done = run_backup(URI, vm.name, ["vdb"], tmp_path / "scratch", "x1", None)
+    done = await asyncio.to_thread(back_up, vm.name, ["vdb"], tmp_path, "x1", None)
     assert [f.target for f in done] == ["vdb"]
     assert list_checkpoints(URI, vm.name) == ["x1"]
 
@@ -285,26 +265,12 @@ def test_abort_job_of_an_orphaned_backup(make_vm: vmkit.VMFactory, tmp_path: Pat
     vm = big_vm(make_vm)
     assert not job_running(URI, vm.name)
     assert abort_job(URI, vm.name) is False
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(vm.name)
-        target = tmp_path / "orphan.qcow2"
-        dom.backupBegin(
-            f"<domainbackup mode='push'><disks><disk name='vda' type='file'>"
-            f"<target file='{target}'/><driver type='qcow2'/></disk>"
-            f"<disk name='vdb' backup='no'/></disks></domainbackup>",
-            None,
-            0,
-        )
-    finally:
-        conn.close()
-    assert vmkit.throttle_block_jobs(vm.name, 1 * MiB) == 1
+    begin_pull(URI, vm.name, ["vda"], tmp_path / "scratch", "orphan", None)  # then "killed"
     assert job_running(URI, vm.name)
     with pytest.raises(DiskBusy, match="Disk vda is busy"):
         _backup(vm, tmp_path, "while-orphan", None)
     assert abort_job(URI, vm.name) is True
     assert not job_running(URI, vm.name)
-    assert not target.exists()  # docs/libvirt.md, pitfall 6: a cancelled push deletes its target
 
 
 def test_parallel_backups_of_two_vms(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
@@ -316,13 +282,43 @@ def test_parallel_backups_of_two_vms(make_vm: vmkit.VMFactory, tmp_path: Path) -
         vmkit.write_pattern(v.name, "vda", 0x40 + i, 0, 2 * MiB)
 
     def chain(v: vmkit.VM) -> int:
-        scratch = tmp_path / v.name
-        run_backup(URI, v.name, BOTH, scratch, "p0", None)
+        back_up(v.name, BOTH, tmp_path / v.name, "p0", None)
         vmkit.write_pattern(v.name, "vdb", 0x50, 0, 1 * MiB)
-        inc = run_backup(URI, v.name, BOTH, scratch, "p1", "p0")
+        inc = back_up(v.name, BOTH, tmp_path / v.name, "p1", "p0")
         return sum(data_bytes(f.path) for f in inc)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         assert list(pool.map(chain, vms)) == [1 * MiB, 1 * MiB]
     for v in vms:
         assert list_checkpoints(URI, v.name) == ["p0", "p1"]
+
+
+async def test_a_backup_holds_the_disk_as_it_was_when_it_began(
+    make_vm: vmkit.VMFactory, tmp_path: Path
+) -> None:
+    """Point in time under load: pattern A everywhere; while the full streams, the guest
+    overwrites all of it with pattern B (half before the first read, half once half the image
+    is sent). The backup holds only A; the disk holds only B."""
+    size = 128 * MiB
+    vm = make_vm("pit", [("vda", size)], start=False)
+    vmkit.fill_disk(vm.disk("vda"), 0xAA, size)
+    vmkit.start_vm(vm.name)
+    before = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "a.raw")
+    out = tmp_path / "full.qcow2"
+    rewritten = False
+    async with pull_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "pit", None, {}) as pull:
+        (disk,) = pull.disks
+        await asyncio.to_thread(vmkit.write_pattern, vm.name, "vda", 0xBB, 0, size // 2)
+        with open(out, "wb") as f:
+            async for chunk in pull.stream(disk):
+                f.write(chunk)
+                if not rewritten and pull.sent > disk.layout.size // 2:
+                    await asyncio.to_thread(
+                        vmkit.write_pattern, vm.name, "vda", 0xBB, size // 2, size // 2
+                    )
+                    rewritten = True
+    assert rewritten
+    check_image(out)
+    assert_same(out, before)
+    after = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "b.raw")
+    assert after.read_bytes() == b"\xbb" * size

@@ -1,28 +1,29 @@
 """Failure paths: busy disks, failed/cancelled incrementals that must not advance the chain,
-QEMU killed mid-backup."""
+QEMU killed mid-stream."""
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from app.virt import (
-    BackupAborted,
     CheckpointBroken,
     DiskBusy,
     DomainNotFound,
     DomainStopped,
+    ScratchFull,
     VirtError,
     domain_state,
     list_checkpoints,
-    run_backup,
+    pull_backup,
 )
 from tests.virt import vmkit
-from tests.virt.helpers import assert_same, big_vm, restore, store
+from tests.virt.helpers import assert_same, back_up, big_vm, restore
 from tests.virt.images import data_bytes, job_running
 from tests.virt.vmkit import URI, MiB
 
@@ -30,16 +31,19 @@ BOTH = ["vda", "vdb"]
 
 
 def test_missing_domain_disk_or_parent(vm: vmkit.VM, tmp_path: Path) -> None:
-    scratch = tmp_path / "scratch"
     with pytest.raises(DomainNotFound):
-        run_backup(URI, "ibp-test-nope", BOTH, scratch, "a", None)
+        back_up("ibp-test-nope", BOTH, tmp_path, "a", None)
     with pytest.raises(VirtError, match="has no disk vdz"):
-        run_backup(URI, vm.name, ["vdz"], scratch, "a", None)
+        back_up(vm.name, ["vdz"], tmp_path, "a", None)
     with pytest.raises(CheckpointBroken, match="Parent checkpoint gone no longer exists"):
-        run_backup(URI, vm.name, BOTH, scratch, "a", "gone")
-    run_backup(URI, vm.name, BOTH, scratch, "a", None)
+        back_up(vm.name, BOTH, tmp_path, "a", "gone")
+    back_up(vm.name, BOTH, tmp_path, "a", None)
     with pytest.raises(VirtError, match="Checkpoint a already exists"):
-        run_backup(URI, vm.name, BOTH, tmp_path / "other", "a", None)
+        back_up(vm.name, BOTH, tmp_path / "other", "a", None)
+    assert list_checkpoints(URI, vm.name) == ["a"]
+    long = tmp_path / ("x" * 80)
+    with pytest.raises(VirtError, match="too long a path for the backup's NBD socket"):
+        back_up(vm.name, BOTH, long, "b", None)
     assert list_checkpoints(URI, vm.name) == ["a"]
 
 
@@ -56,115 +60,142 @@ def test_disk_with_a_block_job_is_busy(vm: vmkit.VM, tmp_path: Path) -> None:
         )
         try:
             with pytest.raises(DiskBusy) as err:
-                run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "b", None)
+                back_up(vm.name, BOTH, tmp_path, "b", None)
             assert str(err.value) == "Disk vdb is busy with another block job"
             assert list_checkpoints(URI, vm.name) == []
             # The other disk alone is free.
-            run_backup(URI, vm.name, ["vda"], tmp_path / "scratch", "b", None)
+            back_up(vm.name, ["vda"], tmp_path, "b", None)
         finally:
             dom.blockJobAbort("vdb", 0)
     finally:
         conn.close()
 
 
-def test_failed_incrementals_do_not_advance_the_chain(
-    make_vm: vmkit.VMFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _fail_mid_stream(
+    domain: str, tmp: Path, checkpoint: str, parent: str | None, fail: BaseException | None
+) -> None:
+    """Start a backup and stop reading after its first chunk: raise ``fail`` there, or (None)
+    be cancelled."""
+    backing = {t: f"../{parent}/{t}.qcow2" for t in BOTH} if parent else {}
+
+    async def backup() -> None:
+        async with pull_backup(
+            URI, domain, BOTH, tmp / "scratch", checkpoint, parent, backing
+        ) as pull:
+            async for _chunk in pull.stream(pull.disks[0]):
+                if fail is not None:
+                    raise fail
+                await asyncio.sleep(3600)
+
+    task = asyncio.create_task(backup())
+    if fail is None:
+        await asyncio.sleep(0.5)
+        task.cancel()
+    await task
+
+
+async def test_failed_incrementals_do_not_advance_the_chain(
+    make_vm: vmkit.VMFactory, tmp_path: Path
 ) -> None:
     """Cancelled or failed incrementals: the next one still has every change."""
     vm = make_vm("chain")
     storage = tmp_path / "storage"
-    store(run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f0", None), storage, "f0", None)
+    await asyncio.to_thread(back_up, vm.name, BOTH, tmp_path, "f0", None)
     vmkit.write_pattern(vm.name, "vda", 0x31, 0, 48 * MiB)
 
-    cancel = threading.Event()
-    cancel.set()
-    with pytest.raises(BackupAborted):
-        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f1", "f0", cancel=cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await _fail_mid_stream(vm.name, tmp_path, "f1", "f0", None)
     assert list_checkpoints(URI, vm.name) == ["f0"]
     assert not list((tmp_path / "scratch").iterdir())
 
     vmkit.write_pattern(vm.name, "vdb", 0x32, 0, 1 * MiB)
 
-    # A failure after the job succeeded (here: the target stays locked) also rolls back.
-    def still_locked(path: Path, timeout: float = 10.0) -> None:
-        raise VirtError(f"{path} is still locked by another process after 10s")
-
-    monkeypatch.setattr("app.virt.backup.wait_unlocked", still_locked)
-    with pytest.raises(VirtError, match="still locked"):
-        run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f1", "f0")
-    monkeypatch.undo()
+    # The storage failing mid-stream also rolls back.
+    with pytest.raises(OSError, match="storage went away"):
+        await _fail_mid_stream(vm.name, tmp_path, "f1", "f0", OSError("storage went away"))
     assert list_checkpoints(URI, vm.name) == ["f0"]
     assert not list((tmp_path / "scratch").iterdir())
+    assert not job_running(URI, vm.name)
 
     snaps = {t: vmkit.snapshot_disk(vm.name, t, tmp_path / f"{t}.raw") for t in BOTH}
-    inc = {f.target: f for f in run_backup(URI, vm.name, BOTH, tmp_path / "scratch", "f1", "f0")}
+    stored = await asyncio.to_thread(back_up, vm.name, BOTH, tmp_path, "f1", "f0")
+    inc = {f.target: f for f in stored}
     assert data_bytes(inc["vda"].path) == 48 * MiB
     assert data_bytes(inc["vdb"].path) == 1 * MiB
-    store(list(inc.values()), storage, "f1", "f0")
     for t in BOTH:
         assert_same(restore(storage, ["f0", "f1"], t, tmp_path / "r"), snaps[t])
 
 
-@pytest.mark.parametrize("seen", ["polling the job", "reading its outcome"])
-def test_qemu_killed_during_a_backup(
-    make_vm: vmkit.VMFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seen: str
-) -> None:
-    """QEMU SIGKILLed mid-job: the error speaks of the process, not of libvirt's job; nothing is
-    left behind, and once the VM runs again a full backup with the same checkpoint name works.
-
-    libvirt gives two accounts, depending on when the job is next looked at: a job query that
-    fails ("domain is not running") or, once the job was seen to end, a cancelled job.
-    """
+async def test_qemu_killed_during_a_backup(make_vm: vmkit.VMFactory, tmp_path: Path) -> None:
+    """QEMU SIGKILLed mid-stream: the error speaks of the process, not of the NBD connection;
+    nothing is left behind, and once the VM runs again a full backup with the same checkpoint
+    name works."""
     vm = big_vm(make_vm)
     scratch = tmp_path / "scratch"
-    running = threading.Event()  # the job runs, slowed down so it surely still does at the kill
-    killed = threading.Event()
-
-    def progress(done: int, total: int) -> None:
-        # Only once QEMU lists the job's block jobs can they be slowed: until then, try again at
-        # the next poll (an unslowed job may finish before the kill, and the test proves nothing).
-        if not running.is_set() and vmkit.throttle_block_jobs(vm.name, 1 * MiB) > 0:
-            running.set()
-
-    if seen == "reading its outcome":
-        # The poll that would fail comes after the kill: the job is seen to end, not lost.
-        def wait_past_the_kill(*args: object) -> None:
-            deadline = time.monotonic() + 60
-            while not running.is_set() and time.monotonic() < deadline:
-                progress(0, 0)
-                time.sleep(0.01)
-            assert killed.wait(60)
-
-        monkeypatch.setattr("app.virt.backup._wait", wait_past_the_kill)
-
-    errors: list[BaseException] = []
-
-    def backup() -> None:
-        try:
-            run_backup(URI, vm.name, BOTH, scratch, "q1", None, progress)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=backup)
-    thread.start()
-    try:
-        assert running.wait(60), f"the backup job never ran: {errors}"
-        vmkit.kill_qemu(vm.name)
-    finally:
-        killed.set()
-        thread.join(120)
-    assert not thread.is_alive()
-    (err,) = errors
-    assert isinstance(err, DomainStopped), repr(err)
-    assert str(err) == "The VM's QEMU process stopped during the backup (libvirt state: shut off)"
+    killed = False
+    with pytest.raises(DomainStopped) as err:
+        async with pull_backup(URI, vm.name, BOTH, scratch, "q1", None, {}) as pull:
+            async for _chunk in pull.stream(pull.disks[0]):
+                if not killed and pull.sent >= 16 * MiB:
+                    await asyncio.to_thread(vmkit.kill_qemu, vm.name)
+                    killed = True
+    assert str(err.value) == (
+        "The VM's QEMU process stopped during the backup (libvirt state: shut off)"
+    )
     assert not list(scratch.iterdir())
     assert list_checkpoints(URI, vm.name) == []
     assert domain_state(URI, vm.name) == "shut off"
-    monkeypatch.undo()
 
     vmkit.start_vm(vm.name)
     assert not job_running(URI, vm.name)
-    full = {f.target: f for f in run_backup(URI, vm.name, BOTH, scratch, "q1", None)}
+    stored = await asyncio.to_thread(back_up, vm.name, BOTH, tmp_path, "q1", None)
+    full = {f.target: f for f in stored}
     assert data_bytes(full["vda"].path) == 1024 * MiB
-    assert sorted(p.name for p in scratch.iterdir()) == ["q1-vda.qcow2", "q1-vdb.qcow2"]
+    assert not list(scratch.iterdir())
     assert list_checkpoints(URI, vm.name) == ["q1"]
+
+
+@pytest.fixture
+def small_scratch(tmp_path: Path) -> Iterator[Path]:
+    """A scratch folder on a 64 MiB filesystem of its own, which a guest can fill."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_a_guest_writing_more_than_the_scratch_holds_never_sees_it(
+    make_vm: vmkit.VMFactory, tmp_path: Path, small_scratch: Path
+) -> None:
+    """During the backup the guest overwrites 80 MiB, whose old data would need 80 MiB of
+    copy-before-write scratch; the folder has 64 MiB. The job is stopped while room is left:
+    the backup fails saying so, the VM runs on (not paused), and every write it made is on its
+    disk (docs/libvirt.md, pitfall 15)."""
+    size = 96 * MiB
+    vm = make_vm("cbw", [("vda", size)], start=False)
+    vmkit.fill_disk(vm.disk("vda"), 0xAA, size)
+    vmkit.start_vm(vm.name)
+    with pytest.raises(ScratchFull, match="wrote more during the backup than the scratch"):
+        async with pull_backup(
+            URI, vm.name, ["vda"], small_scratch, "cbw", None, {}, reserve=24 * MiB
+        ) as pull:
+            for step in range(80):
+                await asyncio.to_thread(vmkit.write_pattern, vm.name, "vda", 0xBB, step * MiB, MiB)
+            async for _chunk in pull.stream(pull.disks[0]):
+                pass
+    assert domain_state(URI, vm.name) == "running"
+    disk = vmkit.snapshot_disk(vm.name, "vda", tmp_path / "after.raw").read_bytes()
+    assert disk == b"\xbb" * (80 * MiB) + b"\xaa" * (16 * MiB)
+    assert list_checkpoints(URI, vm.name) == []
+    assert not list(small_scratch.iterdir())
+    assert not job_running(URI, vm.name)
+
+    # Too little room to begin with: refused before any job starts.
+    with pytest.raises(ScratchFull, match="a backup starts with at least"):
+        async with pull_backup(
+            URI, vm.name, ["vda"], small_scratch, "cbw", None, {}, reserve=40 * MiB
+        ):
+            pass
+    assert not job_running(URI, vm.name)
+    assert list_checkpoints(URI, vm.name) == []

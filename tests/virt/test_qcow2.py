@@ -22,6 +22,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from app.virt.qcow2 import CLUSTER, Layout, ShortRead, emit, plan
+from tests.virt.helpers import run_async
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -75,7 +76,7 @@ def write_image(
     layout: Layout, source: Path, out: Path, piece: int = 4 * MiB, depth: int = 4
 ) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(_write(layout, source, out, piece, depth))
+    run_async(_write(layout, source, out, piece, depth))
     assert out.stat().st_size == layout.size
 
 

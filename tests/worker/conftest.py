@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,10 +77,20 @@ def local_storage(root: Path) -> BackupStorage:
 
 
 @pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    """A hypervisor's scratch folder, short as the backup's NBD socket in it needs (pytest's
+    tmp_path is too long for a unix socket's path)."""
+    path = Path(tempfile.mkdtemp(prefix="ibp-scratch-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def make_world(
     make_vm: VMFactory,  # noqa: F811
     real_sessionmaker: async_sessionmaker[AsyncSession],
     tmp_path: Path,
+    scratch_dir: Path,
 ) -> WorldFactory:
     """Builds a World whose policy has exactly the settings the test passes."""
 
@@ -101,7 +113,7 @@ def make_world(
                 libvirt_uri=vm.uri,
                 backup_storage_id=storage.id,
                 max_concurrent_backups=2,
-                scratch_dir=str(tmp_path / "scratch"),
+                scratch_dir=str(scratch_dir),
             )
             session.add(hypervisor)
             await session.flush()

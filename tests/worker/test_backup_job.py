@@ -253,7 +253,9 @@ async def test_worker_killed_mid_backup_leaves_nothing_stuck(
     world: World, worker_ctx: JobContext, real_sessionmaker: Maker
 ) -> None:
     vm, maker = world.vm, real_sessionmaker
-    vmkit.write_pattern(vm.name, "vda", 0x77, 0, 48 * MiB)  # enough data to throttle
+    # Enough data that the stream still runs when the job is first seen.
+    vmkit.write_pattern(vm.name, "vda", 0x77, 0, 60 * MiB)
+    vmkit.write_pattern(vm.name, "vdb", 0x78, 0, 30 * MiB)
     backup_id = await _pending(maker, world, "full")
     proc = subprocess.Popen(
         [sys.executable, "-c", "from app.cli import main; main()", "run-backup", str(backup_id)],
@@ -267,7 +269,6 @@ async def test_worker_killed_mid_backup_leaves_nothing_stuck(
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert asyncio.get_running_loop().time() < deadline, "backup job never started"
             await asyncio.sleep(0.02)
-        vmkit.throttle_block_jobs(vm.name, 1024 * 1024)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -1,4 +1,4 @@
-"""The backup job, run on the instance's hypervisor: libvirt push backup -> qcow2 -> storage.
+"""The backup job, run on the instance's hypervisor: libvirt pull backup -> qcow2 -> storage.
 
 Runs in the job skeleton (worker.jobs: claim, heartbeat, failure, recovery); turns an
 impossible incremental into a full with the reason recorded, and on any failure leaves
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +104,7 @@ run_backup = BackupJob().run
 
 
 def _remove_scratch(scratch_dir: Path, checkpoint: str) -> None:
-    for path in scratch_dir.glob(f"{checkpoint}-*"):
+    for path in scratch_dir.glob(f"{checkpoint}[.-]*"):
         path.unlink(missing_ok=True)
 
 
@@ -145,12 +144,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     async with res.session() as session:
         driver = await open_driver(session, hv.backup_storage_id)
     try:
-        await _guard_free_space(driver, disks, decision)
-        files = await _take(uri, domain, disks, scratch, checkpoint, decision, progress)
-        try:
-            stored = await _store(work, driver, files, decision, checkpoint, progress)
-        finally:
-            await asyncio.to_thread(_remove_scratch, scratch, checkpoint)
+        stored = await _back_up(work, driver, disks, scratch, checkpoint, decision, progress)
 
         async def record() -> JobQueue:
             jobs = JobQueue()
@@ -188,100 +182,68 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     return f"completed {decision.type}"
 
 
-async def _guard_free_space(
-    driver: BackupStorageDriver, disks: list[virt.DiskInfo], decision: Decision
-) -> None:
-    if decision.type != BackupType.FULL:
-        return
-    free = await driver.free_bytes()
-    if free is None:
-        return
-    estimate = 0
-    for disk in disks:
-        info = await asyncio.to_thread(virt.image_info, Path(disk.source))
-        estimate += int(info.get("actual-size") or disk.size_bytes)
-    if free < estimate:
-        raise StorageFull(f"{free} bytes free, about {estimate} needed", estimate, free)
-
-
-async def _take(
-    uri: str,
-    domain: str,
+async def _back_up(
+    work: Work,
+    driver: BackupStorageDriver,
     disks: list[virt.DiskInfo],
     scratch: Path,
     checkpoint: str,
     decision: Decision,
     progress: Progress,
-) -> list[virt.ScratchFile]:
-    def report(done: int, total: int) -> None:
-        if total:
-            progress.percent = int(80 * done / total)
-
-    targets = [d.target for d in disks]
+) -> list[StoredFile]:
     try:
-        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, report)
+        return await _stream(work, driver, disks, scratch, checkpoint, decision, progress)
     except virt.CheckpointBroken as exc:
         if decision.type != BackupType.INCREMENTAL:
             raise
         # The bitmap is gone (QEMU killed, VM redefined): clean the metadata, start a new chain.
+        uri, domain = work.hypervisor.libvirt_uri, work.instance.domain_name
         await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
         decision.type, decision.parent_id, decision.incremental_from = BackupType.FULL, None, None
         decision.chain_id = uuid.uuid4()
         decision.reset_reason = str(exc)
-        return await _run_cancellable(uri, domain, targets, scratch, checkpoint, decision, report)
+        return await _stream(work, driver, disks, scratch, checkpoint, decision, progress)
 
 
-async def _run_cancellable(
-    uri: str,
-    domain: str,
-    targets: list[str],
+async def _stream(
+    work: Work,
+    driver: BackupStorageDriver,
+    disks: list[virt.DiskInfo],
     scratch: Path,
     checkpoint: str,
     decision: Decision,
-    progress: virt.Progress,
-) -> list[virt.ScratchFile]:
-    """libvirt's job runs in a thread; if this task is cancelled (arq's timeout, shutdown), the
-    event tells the thread to abort the job and clean up instead of running on unseen."""
-    cancel = threading.Event()
+    progress: Progress,
+) -> list[StoredFile]:
+    """Stream each disk's image straight into the storage, then the manifest."""
+    backup = work.backup
+    prefix = backup_prefix(backup.instance_id, decision.chain_id, backup.id)
+    targets = [d.target for d in disks]
+    backing = {}
+    if decision.parent_id is not None:
+        backing = {t: f"../{decision.parent_id}/{t}.qcow2" for t in targets}
+
+    def report(sent: int, planned: int) -> None:
+        progress.percent = int(100 * sent / planned) if planned else 0
+
+    stored: list[StoredFile] = []
     try:
-        return await asyncio.to_thread(
-            virt.run_backup,
-            uri,
-            domain,
+        async with virt.pull_backup(
+            work.hypervisor.libvirt_uri,
+            work.instance.domain_name,
             targets,
             scratch,
             checkpoint,
             decision.incremental_from,
-            progress,
-            cancel,
-        )
-    except asyncio.CancelledError:
-        cancel.set()
-        raise
-
-
-async def _store(
-    work: Work,
-    driver: BackupStorageDriver,
-    files: list[virt.ScratchFile],
-    decision: Decision,
-    checkpoint: str,
-    progress: Progress,
-) -> list[StoredFile]:
-    backup = work.backup
-    prefix = backup_prefix(backup.instance_id, decision.chain_id, backup.id)
-    stored: list[StoredFile] = []
-    try:
-        for f in files:
-            if decision.parent_id is not None:
-                # Created with the live disk as backing file: point it at the parent's file.
-                await asyncio.to_thread(
-                    virt.rebase_onto, f.path, f"../{decision.parent_id}/{f.target}.qcow2"
-                )
-            key = f"{prefix}/{f.target}.qcow2"
-            result = await driver.put_file(key, f.path)
-            stored.append(StoredFile(f.target, key, result.size, result.sha256))
-            progress.percent = 80 + int(20 * len(stored) / len(files))
+            backing,
+            report,
+        ) as pull:
+            free = await driver.free_bytes()
+            if free is not None and free < pull.planned:
+                raise StorageFull(f"{free} bytes free, {pull.planned} needed", pull.planned, free)
+            for disk in pull.disks:
+                key = f"{prefix}/{disk.target}.qcow2"
+                result = await driver.put(key, pull.stream(disk), size=disk.layout.size)
+                stored.append(StoredFile(disk.target, key, result.size, result.sha256))
         manifest = {
             "format": "ibp-backup-manifest/1",
             "backup_id": str(backup.id),
@@ -300,7 +262,8 @@ async def _store(
             ],
             "created_at": now().isoformat(),
         }
-        await driver.put(f"{prefix}/manifest.json", _one(json.dumps(manifest, indent=2).encode()))
+        data = json.dumps(manifest, indent=2).encode()
+        await driver.put(f"{prefix}/manifest.json", _one(data), size=len(data))
     except BaseException:
         await _unstore(driver, _stored_keys(backup, decision, stored))
         raise
