@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field
 
 from app.schemas import Name, RequestBody, Schema
+from app.virt.backup import SCRATCH_DIR_MAX
 from app.virt.uri import check_libvirt_uri
 
 LibvirtUri = Annotated[
@@ -19,6 +20,17 @@ LibvirtUri = Annotated[
         "parameters: no_tty (ssh), mode. Anything else is refused.",
     ),
     AfterValidator(check_libvirt_uri),
+]
+ScratchDir = Annotated[
+    str,
+    Field(
+        min_length=2,
+        max_length=SCRATCH_DIR_MAX,
+        pattern=r"^/[^\x00]*$",
+        description="An absolute folder on the hypervisor for each backup's NBD socket and "
+        "copy-before-write files (what the VM overwrites while its backup runs); at most "
+        f"{SCRATCH_DIR_MAX} characters, as a unix socket's path is short.",
+    ),
 ]
 
 
@@ -40,9 +52,7 @@ class HypervisorCreate(RequestBody):
     libvirt_uri: LibvirtUri = "qemu:///system"
     backup_storage_id: uuid.UUID | None = None
     max_concurrent_backups: int = Field(default=2, ge=1, le=64)
-    scratch_dir: str = Field(
-        default="/var/lib/ibp/scratch", min_length=2, max_length=1000, pattern=r"^/[^\x00]*$"
-    )
+    scratch_dir: ScratchDir = "/var/lib/ibp/scratch"
 
 
 class HypervisorUpdate(RequestBody):
@@ -51,6 +61,4 @@ class HypervisorUpdate(RequestBody):
     libvirt_uri: LibvirtUri | None = None
     backup_storage_id: uuid.UUID | None = None
     max_concurrent_backups: int | None = Field(default=None, ge=1, le=64)
-    scratch_dir: str | None = Field(
-        default=None, min_length=2, max_length=1000, pattern=r"^/[^\x00]*$"
-    )
+    scratch_dir: ScratchDir | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,10 @@ STOP_GRACE = 5.0
 _BROKEN_HINTS = ("checkpoint inconsistent", "missing or broken bitmap")
 
 
-# Linux's limit on a unix socket's path (sun_path is 108 bytes with its NUL).
+# Linux's limit on a unix socket's path (sun_path is 108 bytes with its NUL). The job's socket
+# is <scratch_dir>/ibp-<backup uuid>.sock: the longest scratch folder that leaves room for it.
 _SOCKET_PATH_MAX = 107
+SCRATCH_DIR_MAX = _SOCKET_PATH_MAX - len(f"/ibp-{uuid.UUID(int=0)}.sock")
 
 
 @dataclass(frozen=True)

@@ -561,6 +561,8 @@ async def test_hypervisor_bounds_are_validated(
     for payload, field in (
         ({"max_concurrent_backups": 0}, "max_concurrent_backups"),
         ({"scratch_dir": "relative"}, "scratch_dir"),
+        # Too long for the backup's NBD socket in it (a unix socket's path is short).
+        ({"scratch_dir": "/" + "s" * 61}, "scratch_dir"),
         ({"libvirt_uri": "not a uri"}, "libvirt_uri"),
     ):
         response = await client.post(
