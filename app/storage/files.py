@@ -1,4 +1,4 @@
-"""Atomic local file writes, from a stream or a copy, and fsync helpers."""
+"""Atomic local file writes from a stream, and fsync helpers."""
 
 from __future__ import annotations
 
@@ -17,40 +17,33 @@ from app.storage.base import (
     StorageFull,
     temp_name,
 )
-from app.storage.pipeline import copy_and_hash
+from app.storage.pipeline import StreamWriter
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 async def write_stream_to_file(
-    chunks: AsyncIterator[bytes], path: str | os.PathLike[str]
+    chunks: AsyncIterator[bytes], path: str | os.PathLike[str], direct: bool = False
 ) -> PutResult:
     """Write a stream atomically: temp file in the same dir, fsync, rename, fsync the dir.
 
+    Each chunk is written in one thread while another hashes it, so a chunk costs the slower
+    of the two; the producer (reads from an NBD export) keeps going meanwhile. With ``direct``
+    the file bypasses the page cache where the filesystem allows (``StreamWriter``).
     On any failure (including cancellation) the temp file is removed and `path` is untouched.
     """
 
     async def fill(f: BufferedWriter) -> PutResult:
         counter = Sha256Counter()
+        writer = StreamWriter(f.fileno(), direct)
         async for chunk in chunks:
-            await asyncio.to_thread(_write_and_hash, f, chunk, counter)
-        await asyncio.to_thread(_flush_and_sync, f)
+            await asyncio.gather(
+                asyncio.to_thread(writer.write, chunk), asyncio.to_thread(counter.update, chunk)
+            )
+        await asyncio.to_thread(os.fsync, f.fileno())
         return counter.result()
 
     return await _atomic_write(Path(path), fill)
-
-
-async def copy_file(source: Path, path: str | os.PathLike[str], direct: bool) -> PutResult:
-    """Copy a local file atomically, as `write_stream_to_file` does, through `copy_and_hash`
-    (bypassing the page cache when ``direct``)."""
-
-    def copy(f: BufferedWriter) -> PutResult:
-        with open(source, "rb", buffering=0) as src:
-            result = copy_and_hash(src, f.fileno(), direct)
-        os.fsync(f.fileno())
-        return result
-
-    return await _atomic_write(Path(path), lambda f: asyncio.to_thread(copy, f))
 
 
 async def _atomic_write(
@@ -79,16 +72,6 @@ def translate_os_error(exc: OSError, doing: str) -> StorageError:
     if exc.errno in _NO_SPACE:
         return StorageFull(f"no space left while {doing}: {exc.strerror}")
     return StorageError(f"error while {doing}: {exc.strerror or exc}")
-
-
-def _write_and_hash(f: BufferedWriter, chunk: bytes, counter: Sha256Counter) -> None:
-    f.write(chunk)
-    counter.update(chunk)
-
-
-def _flush_and_sync(f: BufferedWriter) -> None:
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:

@@ -56,7 +56,7 @@ class LocalDriver(BackupStorageDriver):
     ) -> PutResult:
         target = self._path(key)
         await self._ready()
-        return await write_stream_to_file(chunks, target)
+        return await write_stream_to_file(chunks, target, self.direct_io)
 
     async def local_path(self, key: str) -> Path:
         path = self._path(key)

@@ -1,19 +1,11 @@
-"""Local file copies that hash every byte at the speed of a plain copy.
+"""Local file I/O at the speed of the disk: a stream written past the page cache, and files
+hashed while they are read.
 
-sha256 runs at 1.4-1.9 GB/s on these VMs, on one core; a kernel copy (``copyfile``) is about as
-fast. Doing read, hash and write one after another costs their sum. Here the calling thread
-reads into a small ring of buffers while one thread hashes and another writes each buffer, so
-the three overlap and the copy costs about as much as its slowest step. The hash is of the very
-bytes written, not of a second read of the source.
-
-With ``direct=True`` the writer bypasses the page cache (O_DIRECT): the image goes from the ring
-straight to the disk. A backup file is not read again soon, so caching it would only evict what
-the hypervisor's guests use, and filling 1 GiB of page cache costs from 0.3 s to 2.5 s on these
-VMs depending on how recently that memory was handed back to the host, where a direct write
-costs the same every time. Filesystems that refuse O_DIRECT get buffered writes, with writeback
-started as each stretch is written so the final fsync has little left to do.
-
-Memory: ``DEPTH`` buffers of ``CHUNK`` bytes, whatever the file's size.
+A backup file is not read again soon, so caching it would only evict what the hypervisor's
+guests use, and filling 1 GiB of page cache costs from 0.3 s to 2.5 s on these VMs depending on
+how recently that memory was handed back to the host, where a direct write (O_DIRECT) costs the
+same every time. Filesystems that refuse O_DIRECT get buffered writes, with writeback started
+as each stretch is written so the final fsync has little left to do.
 """
 
 from __future__ import annotations
@@ -26,41 +18,52 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from io import RawIOBase
-from typing import TypeVar
 
-from app.storage.base import PutResult, Sha256Counter
+from app.storage.base import Sha256Counter
 from app.writeback import start_writeback
 
-CHUNK = 8 * 1024 * 1024
-DEPTH = 4
 WRITEBACK_EVERY = 64 * 1024 * 1024  # start writeback of each 64 MiB once it is written
 
 _ALIGN = 4096  # O_DIRECT block alignment that every Linux filesystem accepts
 
-T = TypeVar("T")
 
+class StreamWriter:
+    """Writes chunks in order to a new file (one call at a time): directly while it can, else
+    through the cache.
 
-class _Writer:
-    """Writes buffers in order (one thread): directly while it can, else through the cache."""
+    O_DIRECT wants the memory, the file offset and the length block-aligned: each chunk is
+    copied into a page-aligned buffer (a memcpy, far cheaper than the write) and its aligned
+    part written directly. A tail that is not a whole block (only ever at the end of a stream
+    of aligned chunks) turns direct writes off for the rest of the file.
+    """
 
     def __init__(self, fd: int, direct: bool) -> None:
         self.fd = fd
         self.written = 0
         self.flushed = 0
         self.direct = direct and _set_direct(fd, True)
+        self._buffer: mmap.mmap | None = None
 
-    def write(self, view: memoryview) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk)
         if self.direct:
-            # O_DIRECT wants block-aligned lengths: the aligned part goes direct, and a tail
-            # (only ever at the end of the file) through the cache.
-            done = self._write_direct(view[: len(view) - len(view) % _ALIGN])
-            view = view[done:]
+            size = len(view) - len(view) % _ALIGN
+            if size:
+                done = self._write_direct(self._aligned(view[:size]))
+                view = view[done:]
             if view:
                 self._stop_direct()
         self._write_all(view)
         if not self.direct and self.written - self.flushed >= WRITEBACK_EVERY:
             start_writeback(self.fd, self.flushed, self.written - self.flushed)
             self.flushed = self.written
+
+    def _aligned(self, view: memoryview) -> memoryview:
+        if self._buffer is None or len(self._buffer) < len(view):
+            # Anonymous maps are page-aligned, as O_DIRECT needs.
+            self._buffer = mmap.mmap(-1, len(view))
+        self._buffer[: len(view)] = view
+        return memoryview(self._buffer)[: len(view)]
 
     def _write_direct(self, view: memoryview) -> int:
         """Write what the filesystem takes directly; stops (and says how far it got) at the
@@ -99,30 +102,6 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def copy_and_hash(src: RawIOBase, dst_fd: int, direct: bool = False) -> PutResult:
-    """Copy ``src`` (opened unbuffered) to ``dst_fd``; sha256 and size of what was written.
-
-    ``dst_fd`` must be empty and positioned at 0 (direct writes keep block alignment).
-
-    Raises the first OSError of the read, the hash or the write; the caller removes the
-    partial destination. Does not fsync: the caller owns durability and naming.
-    """
-    counter = Sha256Counter()
-    writer = _Writer(dst_fd, direct)
-    # Anonymous maps are page-aligned, as O_DIRECT needs; they are unmapped when dropped.
-    ring = [mmap.mmap(-1, CHUNK) for _ in range(DEPTH)]
-    with (
-        ThreadPoolExecutor(1, "ibp-hash") as hasher,
-        ThreadPoolExecutor(1, "ibp-write") as out,
-    ):
-        _through_ring(
-            src,
-            ring,
-            lambda view: (out.submit(writer.write, view), hasher.submit(counter.update, view)),
-        )
-    return counter.result()
-
-
 def _through_ring(
     src: RawIOBase,
     ring: Sequence[mmap.mmap | bytearray],
@@ -155,19 +134,6 @@ def _through_ring(
 def _finish(futures: tuple[Future[None], ...]) -> None:
     for fut in futures:
         fut.result()
-
-
-def fsync_while(fd: int, work: Callable[[], T]) -> T:
-    """Run ``work`` while another thread fsyncs ``fd``; both must succeed."""
-    with ThreadPoolExecutor(1, "ibp-fsync") as syncer:
-        synced = syncer.submit(os.fsync, fd)
-        try:
-            result = work()
-        finally:
-            synced_exc = synced.exception()
-        if synced_exc is not None:
-            raise synced_exc
-    return result
 
 
 HASH_READ = 1024 * 1024
