@@ -21,6 +21,15 @@ _BLOCK = 16 * 1024 * 1024
 _SMALL_BLOCK = 1024 * 1024
 
 
+def make_raw(path: Path, size: int, random_share: float = 0.9) -> None:
+    """A raw disk image: random data in the first ``random_share`` of it, zeros after."""
+    random_bytes = int(size * random_share) // _BLOCK * _BLOCK
+    with path.open("wb") as fh:
+        for _ in range(random_bytes // _BLOCK):
+            fh.write(os.urandom(_BLOCK))
+        fh.truncate(size)
+
+
 def prime_free_space(directory: Path, size: int) -> None:
     """Write ``size`` bytes into ``directory``, fsync, delete: later writes reuse the blocks."""
     _ballast(directory / ".ballast", size, bytes(_BLOCK), durable=True)

@@ -24,21 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.virt import delete_checkpoint, run_backup  # noqa: E402
-from bench._disk import prime_free_space  # noqa: E402
+from bench._disk import make_raw, prime_free_space  # noqa: E402
 from tests.virt import vmkit  # noqa: E402
 from tests.virt.images import data_bytes  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def make_raw(path: Path, size: int, random_share: float = 0.9) -> None:
-    """Random data in the first ``random_share`` of the disk, zeros after it."""
-    chunk = 16 * MiB
-    random_bytes = int(size * random_share) // chunk * chunk
-    with path.open("wb") as fh:
-        for _ in range(random_bytes // chunk):
-            fh.write(os.urandom(chunk))
-        fh.truncate(size)
 
 
 def main() -> int:
