@@ -4,7 +4,7 @@
 
 Needs root and libvirtd (started by scripts/start-libvirtd.sh if not running). Builds a VM
 ``ibp-test-bench-...`` whose disk is ~90% random data, takes a full and 3 incrementals (each
-after rewriting ~1% of the disk) with app.virt.run_backup, and stores them with the local driver
+after rewriting ~1% of the disk) with app.virt.pull_backup, streamed into the local driver
 in the service's layout. Then ``rounds`` times, each side first in every other round:
 
 - restore: a fresh process runs app.engine.chain_fetch.rebuild as the restore job does (fetch
@@ -61,7 +61,7 @@ def make_raw(path: Path, size: int, random_share: float = 0.9) -> None:
 async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: Path) -> dict:
     """Full + 3 incrementals of the VM's vda, stored with the local driver; the catalog."""
     from app.storage.registry import get_driver
-    from app.virt import rebase_onto, run_backup
+    from app.virt import pull_backup
     from tests.virt import vmkit
 
     driver = get_driver("local", {"path": str(storage)})
@@ -80,11 +80,12 @@ async def _store_chain(name: str, uri: str, size: int, storage: Path, scratch: P
             backup = uuid.uuid4()
             cp = f"bench-{backup}"
             prev = members[-1]["checkpoint"] if members else None
-            (f,) = await asyncio.to_thread(run_backup, uri, name, ["vda"], scratch, cp, prev)
-            if parent is not None:
-                await asyncio.to_thread(rebase_onto, f.path, f"../{parent}/vda.qcow2")
+            backing = {"vda": f"../{parent}/vda.qcow2"} if parent else {}
             key = f"{instance}/{chain}/{backup}/vda.qcow2"
-            put = await driver.put_file(key, f.path)  # moved in, as the backup job stores it
+            # Streamed into the local driver, as the backup job stores it.
+            async with pull_backup(uri, name, ["vda"], scratch, cp, prev, backing) as pull:
+                (disk,) = pull.disks
+                put = await driver.put(key, pull.stream(disk), disk.layout.size)
             members.append(
                 {
                     "id": str(backup),

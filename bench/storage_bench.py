@@ -39,17 +39,13 @@ REFERENCE = {
 
 
 async def driver_upload(kind: str, config: dict[str, Any], src: str, key: str) -> str:
-    from app.storage import get_driver
-    from app.storage.files import copy_file
+    from app.storage import get_driver, iter_file
 
     driver = get_driver(_driver_kind(kind), config)
     try:
-        if kind in ("local", "local-seq"):
-            # put_file would move the source in (same filesystem here): time the copy it
-            # makes from another filesystem instead.
-            result = await copy_file(Path(src), Path(config["path"]) / key, direct=True)
-        else:
-            result = await driver.put_file(key, Path(src))
+        # As the backup job streams an image: 4 MiB pieces, the size known up front.
+        size = Path(src).stat().st_size
+        result = await driver.put(key, iter_file(src, 4 * 1024 * 1024), size)
     finally:
         await driver.close()
     return result.sha256
