@@ -59,6 +59,16 @@ class Server:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
+    def restart(self) -> None:
+        """Start the server again on the same port, data dir and config (after kill(): a
+        storage server that comes back after a crash)."""
+        self.kill()
+        again = _spawn(
+            self.name, [str(a) for a in self.proc.args], self.port, self.data_dir, self.config
+        )
+        self.log.unlink(missing_ok=True)
+        self.proc, self.log = again.proc, again.log
+
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.extra.get("cleanup", self.data_dir), ignore_errors=True)
