@@ -216,6 +216,28 @@ async def test_server_killed_mid_upload_raises_unreachable_and_leaves_nothing(
         revived.log.unlink(missing_ok=True)
 
 
+async def test_unfinished_uploads_list_empty_where_rclone_knows_none(
+    doomed_rclone: Server, uid: str
+) -> None:
+    """rclone answers the listing with NoSuchUpload while it holds no upload of the bucket
+    (none since it started): that is an empty list, not a storage error the reconciliation
+    stops on. A missing bucket or a wrong key is still an error."""
+    driver = get_driver("s3", doomed_rclone.config)
+    assert await driver.partial_uploads("") == []
+    servers.s3_admin(doomed_rclone).create_multipart_upload(Bucket="backups", Key=f"{uid}/v")
+    assert [u.key for u in await driver.partial_uploads("")] == [f"{uid}/v"]
+    await driver.close()
+
+    doomed_rclone.restart()  # same port and data; the upload is forgotten
+    assert await driver.partial_uploads(f"{uid}/") == []
+    await driver.close()
+    for wrong in ({"bucket": "no-such-bucket"}, {"secret_access_key": "wrong-secret"}):
+        other = get_driver("s3", {**doomed_rclone.config, **wrong})
+        with pytest.raises(StorageUnreachable):
+            await other.partial_uploads("")
+        await other.close()
+
+
 @pytest.mark.parametrize(
     "error",
     [
