@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import posixpath
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -33,7 +34,7 @@ from app.storage.base import (
     validate_prefix,
 )
 
-# Writes of a local file: big enough to keep many SFTP requests in flight.
+log = logging.getLogger(__name__)
 
 # AES-GCM is 1.05-1.6x faster than chacha20 where AES-NI exists; the rest keep old servers working.
 _CIPHERS = [
@@ -51,6 +52,11 @@ _LOST = (
     asyncssh.ChannelOpenError,
     OSError,
 )
+# The temp file of a failed upload is removed on a new connection when the one it was written
+# on is lost (a killed session, a restarted server), tried again after each pause, ~15 s in
+# all, as the S3 driver's abort; what is still there then is swept by the storage reconciler.
+TEMP_REMOVAL_RETRY_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8)
+TEMP_REMOVAL_TIMEOUT_S = 10  # one attempt, connecting included
 
 
 class SftpDriver(BackupStorageDriver):
@@ -176,7 +182,7 @@ class SftpDriver(BackupStorageDriver):
                 await write(f)
             await self._rename(sftp, tmp, path)
         except BaseException as exc:
-            await asyncio.shield(self._remove_quietly(sftp, tmp))
+            await asyncio.shield(self._remove_temp(sftp, tmp))
             if isinstance(exc, asyncssh.Error | OSError):
                 raise await self._translate(exc, "writing", path) from None
             raise
@@ -189,9 +195,42 @@ class SftpDriver(BackupStorageDriver):
                 await sftp.remove(path)
             await sftp.rename(tmp, path)
 
-    async def _remove_quietly(self, sftp: asyncssh.SFTPClient, path: str) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sftp.remove(path), timeout=10)
+    async def _remove_temp(self, sftp: asyncssh.SFTPClient | None, tmp: str) -> None:
+        """Remove a failed upload's temp file. While the connection is what failed, the
+        removal is tried again on a new one after each of TEMP_REMOVAL_RETRY_DELAYS; any other
+        refusal is final. Never raises: the upload's own error is the one to report."""
+        error: BaseException | None = None
+        for delay in (0, *TEMP_REMOVAL_RETRY_DELAYS):
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(TEMP_REMOVAL_TIMEOUT_S):
+                    if sftp is None:
+                        sftp = await self._client()
+                    await sftp.remove(tmp)
+                return
+            except asyncssh.SFTPNoSuchFile:
+                return
+            except (StorageUnreachable, TimeoutError, *_LOST) as exc:
+                error = exc
+                if sftp is not None:
+                    self._forget(sftp)
+                sftp = None
+            except (StorageError, asyncssh.Error) as exc:
+                error = exc
+                break
+        log.warning(
+            "could not remove %s on SFTP server %s, left for the storage reconciler: %s",
+            tmp,
+            self._where,
+            error,
+        )
+
+    def _forget(self, sftp: asyncssh.SFTPClient) -> None:
+        """Drop the cached connection `sftp` came from, so the next call connects anew."""
+        if self._sftp is sftp:
+            conn, self._conn, self._sftp = self._conn, None, None
+            if conn is not None:
+                conn.close()
 
     async def get(self, key: str) -> AsyncIterator[bytes]:
         path = self._path(key)

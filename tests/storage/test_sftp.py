@@ -6,9 +6,10 @@ import re
 from collections.abc import Iterator
 
 import asyncssh
+import psutil
 import pytest
 
-from app.storage import StorageUnreachable, get_driver
+from app.storage import StorageUnreachable, get_driver, sftp
 from app.storage.base import is_temp_name
 from tests.storage import servers
 from tests.storage.payloads import MiB, calling, chunked, payload, read_all
@@ -82,8 +83,9 @@ def test_config_without_credentials_or_host_key_is_rejected(sshd_server: Server)
 
 
 async def test_server_killed_mid_upload_raises_unreachable_and_no_object_appears(
-    doomed_sshd: Server, uid: str
+    doomed_sshd: Server, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(sftp, "TEMP_REMOVAL_RETRY_DELAYS", (0.2,))  # it stays dead
     driver = get_driver("sftp", doomed_sshd.config)
     source = calling(payload(40 * MiB, seed=20), at=8 * MiB, action=doomed_sshd.kill)
 
@@ -97,4 +99,25 @@ async def test_server_killed_mid_upload_raises_unreachable_and_no_object_appears
     stored = [p for p in doomed_sshd.data_dir.rglob("*") if p.is_file()]
     assert all(is_temp_name(p.name) for p in stored)
     assert not (doomed_sshd.data_dir / uid / "vda.qcow2").exists()
+    await driver.close()
+
+
+async def test_session_killed_mid_upload_removes_the_temp_file_on_a_new_connection(
+    doomed_sshd: Server, uid: str
+) -> None:
+    """The sshd process serving the upload dies (the listener lives on): the driver connects
+    again to remove its temp file, so nothing at all is left."""
+
+    def kill_sessions() -> None:
+        for child in psutil.Process(doomed_sshd.proc.pid).children(recursive=True):
+            child.kill()
+
+    driver = get_driver("sftp", doomed_sshd.config)
+    source = calling(payload(40 * MiB, seed=21), at=8 * MiB, action=kill_sessions)
+
+    with pytest.raises(StorageUnreachable, match="lost while writing"):
+        await driver.put(f"{uid}/vda.qcow2", source)
+
+    assert [p for p in doomed_sshd.data_dir.rglob("*") if p.is_file()] == []
+    assert await driver.partial_uploads(f"{uid}/") == []
     await driver.close()
