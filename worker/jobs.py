@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -141,6 +144,29 @@ def describe(exc: BaseException) -> Words:
     )
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(
+            ctypes.util.find_library("c") or "libc.so.6"
+        ).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def give_back_memory() -> None:
+    """After a job: a backup's buffers (image pieces, upload parts, HTTP bodies) are freed,
+    but glibc keeps freed pages in its arenas, one per thread that allocated. Hand them back,
+    so an idle worker's RSS returns near where it was (after an S3 backup it stayed ~100 MB
+    higher: 92 MB loaded, 199 after the job, 136 after this)."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 # Failures of the outside world, described without a traceback in the log.
 EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, NotRecorded, SecretsUndecryptable)
 
@@ -220,6 +246,7 @@ class Job(Generic[W]):
                     await heartbeat
             if work is not None:
                 await self.cleanup(work)
+            give_back_memory()
 
     async def claim(self, res: Resources, row_id: uuid.UUID, job_try: int) -> bool:
         """pending -> in_progress, unless the instance is busy with other running work. A row
