@@ -296,11 +296,10 @@ class JobRun:
     files: list[BackupFile]
 
 
-def run_job(backup_id: uuid.UUID, before: Callable[[], None], scratch: Path) -> JobRun:
-    """Run the backup job in its own process, ``before()`` once it is loaded."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(backup_id)],
+def _python(code: str, *args: str) -> subprocess.Popen[str]:
+    """A Python process running ``code`` on the bench database, talking over its stdin/stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
         cwd=REPO,
         env={**os.environ, "IBP_DATABASE_URL": URL},
         stdin=subprocess.PIPE,
@@ -308,6 +307,12 @@ def run_job(backup_id: uuid.UUID, before: Callable[[], None], scratch: Path) -> 
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def run_job(backup_id: uuid.UUID, before: Callable[[], None], scratch: Path) -> JobRun:
+    """Run the backup job in its own process, ``before()`` once it is loaded."""
+    t0 = time.perf_counter()
+    proc = _python(CHILD, str(backup_id))
     assert proc.stdin is not None and proc.stdout is not None
     first = proc.stdout.readline()
     if first.strip() != "ready":
@@ -504,15 +509,7 @@ def idle_rss(seeded: Seeded) -> list[tuple[str, int]]:
     """VmRSS of one worker-like process: loaded, after a local job, after an S3 job, after a
     second S3 job (each after a gc.collect()), then after malloc_trim(0)."""
     assert seeded.s3_id is not None
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LONG_LIVED],
-        cwd=REPO,
-        env={**os.environ, "IBP_DATABASE_URL": URL},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _python(LONG_LIVED)
     assert proc.stdin is not None and proc.stdout is not None
     stdin, stdout = proc.stdin, proc.stdout
 
