@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     # point a storage, and its probe writes, at any directory). Empty: `<data_dir>/backups`,
     # where `ibp setup-local` puts local backups.
     storage_roots: list[str] = Field(default_factory=list)
+    # When set, GET /metrics answers only `Authorization: Bearer <this>`.
+    metrics_token: str | None = None
 
     @model_validator(mode="after")
     def _storage_roots(self) -> Settings:

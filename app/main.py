@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from app.auth.router import auth_router, tokens_router
 from app.backups.router import router as backups_router
 from app.body_limit import BodySizeLimit
 from app.config import Settings, get_settings
-from app.db import build_engine, build_sessionmaker
+from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
+from app.metrics import CatalogSnapshot, read_catalog, render
 from app.policies.router import router as policies_router
 from app.problems import PROBLEM_MEDIA_TYPE, install_error_handlers
 from app.restores.router import router as restores_router
@@ -101,6 +105,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format: this process's metrics and the catalog's gauges."""
+        token = settings.metrics_token
+        if token:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return Response(
+                    "A bearer token (IBP_METRICS_TOKEN) is needed\n",
+                    status_code=401,
+                    media_type="text/plain",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        try:
+            async with request.app.state.sessionmaker() as session:
+                snap = await read_catalog(session, datetime.now(UTC))
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+            snap = CatalogSnapshot(up=False)  # the process's own metrics still go out
+        return Response(render(snap), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     _document_problems(app)
     return app
