@@ -28,7 +28,12 @@ def _serve(args: argparse.Namespace) -> None:
 def _worker(args: argparse.Namespace) -> None:
     from worker.main import run_worker
 
-    run_worker(hypervisor=args.hypervisor, control=not args.no_control)
+    run_worker(
+        hypervisor=args.hypervisor,
+        control=not args.no_control,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
 
 
 async def _create_admin(email: str, password: str) -> None:
@@ -262,6 +267,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     worker.add_argument(
         "--no-control", action="store_true", help="do not run the control queue (tick, deletes)"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; default: off",
+    )
+    worker.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics listen on (0.0.0.0; they carry no tenant data)",
     )
     worker.set_defaults(func=_worker)
 

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ from app.engine.lifecycle import NotRecorded
 from app.engine.words import Words
 from app.engine.workers import unattended
 from app.errors import SecretsUndecryptable
+from app.metrics import COMPLETED, FAILED, JobMetrics
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
@@ -173,7 +175,12 @@ EXPECTED = (virt.VirtError, StorageError, JobFailed, ChainError, NotRecorded, Se
 
 @dataclass
 class Progress:
+    """What a running job tells: its percent for the API; for the metrics, its type (a
+    backup's full or incremental as decided, a restore's target) and the bytes it moved."""
+
     percent: int = 0
+    type: str = "unknown"  # until the job has loaded its row
+    bytes: int | None = None
 
 
 W = TypeVar("W")
@@ -207,11 +214,13 @@ class Job(Generic[W]):
     name: str  # "backup", "restore": for the log
     interrupted: str  # the row's error when the worker stopped during the job
     heartbeat = True  # keep heartbeat_at and progress on the row while running
+    metrics: JobMetrics | None = None  # counted once the outcome is recorded
 
     async def run(self, ctx: JobContext, row_id: str) -> str:
         res, rid = resources(ctx), uuid.UUID(row_id)
         if not await self.claim(res, rid, ctx.get("job_try", 1)):
             return "not pending"
+        started = time.monotonic()
         progress = Progress()
         heartbeat = (
             asyncio.create_task(self._keep_alive(res, rid, progress)) if self.heartbeat else None
@@ -220,7 +229,10 @@ class Job(Generic[W]):
         try:
             async with res.session() as session:
                 work = await self.load(session, rid)
-            return await self.execute(res, work, progress)
+            progress.type = self.type_of(work)
+            done = await self.execute(res, work, progress)
+            self._count(progress, COMPLETED, started)
+            return done
         except BaseException as exc:
             words = describe(exc) if isinstance(exc, Exception) else Words(self.interrupted)
             if not isinstance(exc, EXPECTED):
@@ -233,11 +245,13 @@ class Job(Generic[W]):
             recording = until_recorded(f"{self.name} {row_id}: recording the failure", record)
             if isinstance(exc, Exception):
                 await recording
+                self._count(progress, FAILED, started)
                 return f"failed: {words.operator or words.user}"
             # Cancelled (the worker stopping): a stop must not hang on a database outage; a
             # row left in progress is recovered by the hypervisor's next worker.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(recording, STOPPING_RECORD_S)
+                self._count(progress, FAILED, started)
             raise  # arq must see the cancellation
         finally:
             if heartbeat is not None:
@@ -247,6 +261,11 @@ class Job(Generic[W]):
             if work is not None:
                 await self.cleanup(work)
             give_back_memory()
+
+    def _count(self, progress: Progress, status: str, started: float) -> None:
+        if self.metrics is not None:
+            seconds = time.monotonic() - started
+            self.metrics.finished(progress.type, status, seconds, progress.bytes)
 
     async def claim(self, res: Resources, row_id: uuid.UUID, job_try: int) -> bool:
         """pending -> in_progress, unless the instance is busy with other running work. A row
@@ -353,6 +372,10 @@ class Job(Generic[W]):
 
     async def load(self, session: AsyncSession, row_id: uuid.UUID) -> W:
         raise NotImplementedError
+
+    def type_of(self, work: W) -> str:
+        """The job's type for the metrics, as loaded (execute may refine it in progress)."""
+        return "unknown"
 
     async def execute(self, res: Resources, work: W, progress: Progress) -> str:
         raise NotImplementedError

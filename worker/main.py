@@ -13,12 +13,13 @@ import contextlib
 import logging
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.exceptions as redis_errors
 from arq import Worker, cron, func
 from arq.connections import RedisSettings
+from prometheus_client import start_http_server
 from sqlalchemy import select
 
 from app.config import Settings, get_settings
@@ -239,6 +240,34 @@ async def _until_done_or_stopped(jobs: list[asyncio.Task[Any]], stop: asyncio.Ev
     return False
 
 
-def run_worker(hypervisor: str | None, control: bool = True) -> None:
+@contextlib.contextmanager
+def metrics_server(host: str, port: int | None) -> Iterator[int | None]:
+    """This process's metrics on http://host:port/metrics (Prometheus' own server, in a
+    thread) while the block runs; no port, no server. Yields the port served."""
+    if port is None:
+        yield None
+        return
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise SystemExit(
+            f"ibp worker: cannot serve metrics on {host}:{port}: {exc.strerror}"
+        ) from None
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    try:
+        yield server.server_port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def run_worker(
+    hypervisor: str | None,
+    control: bool = True,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(_run(hypervisor, control))
+    with metrics_server(metrics_host, metrics_port):
+        asyncio.run(_run(hypervisor, control))

@@ -23,6 +23,7 @@ from app.engine.chains import Busy, chain_states
 from app.engine.lifecycle import StoredFile, record_completion, record_failure
 from app.engine.storage_access import backup_prefix, open_driver
 from app.engine.words import Words
+from app.metrics import BACKUPS
 from app.models import Backup, Hypervisor, Instance
 from app.queues import JobQueue
 from app.scheduling import Chain, Decision, decide
@@ -50,6 +51,7 @@ class BackupJob(Job[Work]):
     model = Backup
     name = "backup"
     interrupted = INTERRUPTED
+    metrics = BACKUPS
 
     async def fail(self, session: AsyncSession, row_id: uuid.UUID, words: Words) -> Any:
         failed = await super().fail(session, row_id, words)
@@ -96,6 +98,9 @@ class BackupJob(Job[Work]):
         chain = (await chain_states(session, [instance.id]))[instance.id]
         return Work(backup, instance, hypervisor, chain)
 
+    def type_of(self, work: Work) -> str:
+        return work.backup.type
+
     async def execute(self, res: Resources, work: Work, progress: Progress) -> str:
         return await _execute(res, work, progress)
 
@@ -138,6 +143,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         checkpoints,
         uuid.uuid4(),
     )
+    progress.type = decision.type
     checkpoint = f"ibp-{backup.id}"
     scratch = Path(hv.scratch_dir)
 
@@ -145,6 +151,8 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         driver = await open_driver(session, hv.backup_storage_id)
     try:
         stored = await _back_up(work, driver, disks, scratch, checkpoint, decision, progress)
+        # An incremental whose bitmap was gone became a full.
+        progress.type, progress.bytes = decision.type, sum(s.size for s in stored)
 
         async def record() -> JobQueue:
             jobs = JobQueue()

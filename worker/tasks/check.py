@@ -12,6 +12,7 @@ from sqlalchemy import update
 
 from app.engine.storage_access import driver_config
 from app.errors import SecretsUndecryptable
+from app.metrics import STORAGE_CHECKS
 from app.models import BackupStorage
 from app.storage.base import CheckResult, run_check
 from app.storage.registry import get_driver
@@ -57,6 +58,7 @@ async def check_storage(ctx: JobContext, storage_id: str) -> str:
                 last_checked_at=datetime.now(UTC),
             )
         )
+    STORAGE_CHECKS.labels(kind=kind, result="ok" if result.ok else "error").inc()
     return "ok" if result.ok else f"failed: {result.error}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from app.engine.lifecycle import (
@@ -12,6 +13,7 @@ from app.engine.lifecycle import (
 )
 from app.engine.verification import due_for_verification
 from app.engine.workers import fail_unattended
+from app.metrics import TICK_DISPATCHED, TICK_REAPED, TICK_SECONDS, TICK_SKIPPED
 from app.models import Backup
 from app.queues import JobQueue, enqueue_verify
 from worker.jobs import JobContext, Resources, resources
@@ -21,33 +23,35 @@ from worker.tasks.tick import run_tick
 async def tick(ctx: JobContext) -> str:
     res = resources(ctx)
     settings = res.settings
+    started = time.monotonic()
     now = datetime.now(UTC)
     grace = timedelta(hours=settings.catch_up_grace_hours)
+    reaped = {"backup": 0, "restore": 0}
     async with res.session() as session:
-        reaped = await reap_stale(
-            session,
-            now,
-            timedelta(minutes=settings.stale_backup_minutes),
-            max(grace, timedelta(hours=1)),
-        )
-        reaped += await reap_stale_restores(
-            session,
-            now,
-            timedelta(minutes=settings.stale_backup_minutes),
-            max(grace, timedelta(hours=1)),
-        )
+        stale = timedelta(minutes=settings.stale_backup_minutes)
+        start_within = max(grace, timedelta(hours=1))
+        reaped["backup"] += len(await reap_stale(session, now, stale, start_within))
+        reaped["restore"] += len(await reap_stale_restores(session, now, stale, start_within))
         for row in await fail_unattended(session, now):
-            reaped.append(row.id)
             if isinstance(row, Backup):
+                reaped["backup"] += 1
                 await record_failure(session, row, row.error or "", now)
+            else:
+                reaped["restore"] += 1
         lost = JobQueue()
         resent = await redispatch_lost_jobs(session, lost, now)
+    for kind, count in reaped.items():  # committed: counted
+        TICK_REAPED.labels(kind=kind).inc(count)
     await lost.flush(res.redis)
     result = await run_tick(res.sessionmaker, res.redis, now, grace)
+    TICK_DISPATCHED.inc(len(result.dispatched))
+    TICK_SKIPPED.inc(result.skipped)
     verifies = await schedule_verifications(res, now)
+    TICK_SECONDS.observe(time.monotonic() - started)
     return (
         f"policies={result.policies} dispatched={len(result.dispatched)} "
-        f"skipped={result.skipped} reaped={len(reaped)} resent={resent} verifies={verifies}"
+        f"skipped={result.skipped} reaped={sum(reaped.values())} resent={resent} "
+        f"verifies={verifies}"
     )
 
 

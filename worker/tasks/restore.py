@@ -25,6 +25,7 @@ from app.engine.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, r
 from app.engine.chains import Busy
 from app.engine.storage_access import open_driver
 from app.engine.words import Words
+from app.metrics import RESTORES
 from app.models import Hypervisor, Instance, Restore
 from app.storage.files import fsync_path
 from app.values import RestoreStatus, RestoreTarget
@@ -57,6 +58,7 @@ class RestoreJob(Job[Work]):
     model = Restore
     name = "restore"
     interrupted = INTERRUPTED
+    metrics = RESTORES
 
     async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
         await self.fail(session, row_id, Words(BACKUP_RUNNING))
@@ -86,6 +88,9 @@ class RestoreJob(Job[Work]):
             raise ChainError("The backup of this restore was deleted")
         plan = await load_chain(session, restore.backup_id)
         return Work(restore, instance, hypervisor, plan)
+
+    def type_of(self, work: Work) -> str:
+        return work.restore.target
 
     async def execute(self, res: Resources, work: Work, progress: Progress) -> str:
         return await _execute(res, work, progress)
@@ -209,6 +214,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
         with contextlib.suppress(virt.VirtError):
             await asyncio.to_thread(virt.reset_checkpoints, uri, domain)
     result = {t: str(p.final) for t, p in placements.items()}
+    progress.bytes = work.plan.total_bytes
     await until_recorded(f"restore {work.restore.id}", lambda: _complete(res, work, result))
     return f"completed {work.restore.target}"
 
