@@ -1,5 +1,5 @@
 """The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, demo-vm,
-run-backup, reconcile, openapi."""
+run-backup, reconcile, rotate-secrets, openapi."""
 
 from __future__ import annotations
 
@@ -222,6 +222,35 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
     print(instance.id)
 
 
+async def _rotate_secrets() -> int:
+    """Seal every storage's secrets with the current IBP_SECRET_KEY; 1 when some do not open."""
+    from sqlalchemy import select
+
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from app.engine.storage_access import reseal_secrets
+    from app.errors import SecretsUndecryptable
+    from app.models import BackupStorage
+
+    engine = build_engine(get_settings())
+    try:
+        async with build_sessionmaker(engine)() as session:
+            # Locked, so a storage updated meanwhile is not overwritten with its old secrets.
+            storages = await session.scalars(
+                select(BackupStorage).order_by(BackupStorage.name).with_for_update()
+            )
+            try:
+                count = reseal_secrets(storages)
+            except SecretsUndecryptable as exc:
+                print(f"ibp rotate-secrets: nothing changed. {exc.detail}", file=sys.stderr)
+                return 1
+            await session.commit()
+    finally:
+        await engine.dispose()
+    print(f"Re-encrypted the secrets of {count} backup storage(s) with the current IBP_SECRET_KEY")
+    return 0
+
+
 def _openapi(_: argparse.Namespace) -> None:
     from app.main import create_app
 
@@ -343,6 +372,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     )
+
+    rotate = sub.add_parser(
+        "rotate-secrets",
+        help="re-encrypt every storage's secrets with IBP_SECRET_KEY (they may be sealed with "
+        "one of IBP_PREVIOUS_SECRET_KEYS); exit 1, changing nothing, if some cannot be decrypted",
+    )
+    rotate.set_defaults(func=lambda a: sys.exit(asyncio.run(_rotate_secrets())))
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=_openapi)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import posixpath
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "change-me"
 
@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/ibp"
     redis_url: str = "redis://127.0.0.1:6379/0"
     secret_key: str = PLACEHOLDER_SECRET
+    # Keys the secrets may still be sealed with (comma-separated): they open stored secrets,
+    # never seal new ones, until `ibp rotate-secrets` has sealed everything with secret_key.
+    previous_secret_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     session_lifetime_hours: float = Field(default=12.0, gt=0)
     # When set, every personal API token must expire within this many days of its creation.
     max_token_days: int | None = Field(default=None, gt=0, le=36500)
@@ -48,6 +51,13 @@ class Settings(BaseSettings):
     storage_roots: list[str] = Field(default_factory=list)
     # When set, GET /metrics answers only `Authorization: Bearer <this>`.
     metrics_token: str | None = None
+
+    @field_validator("previous_secret_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @model_validator(mode="after")
     def _storage_roots(self) -> Settings:

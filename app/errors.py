@@ -57,7 +57,8 @@ class SecretsUndecryptable(Conflict):
         named = ", ".join(f"'{name}' ({storage_id})" for storage_id, name in storages)
         super().__init__(
             f"The secrets of backup storage {named} cannot be decrypted with the current "
-            "IBP_SECRET_KEY: set the key they were encrypted with, or give the secrets again "
+            "IBP_SECRET_KEY (nor any of IBP_PREVIOUS_SECRET_KEYS): add the key they were "
+            "encrypted with to IBP_PREVIOUS_SECRET_KEYS, or give the secrets again "
             "(PATCH /backup-storages/{id} with the secret fields)."
         )
 

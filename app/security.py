@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pwdlib import PasswordHash
@@ -70,14 +70,19 @@ class WrongSecretKey(ValueError):
     """The blob was not encrypted with this key (IBP_SECRET_KEY changed or wrong)."""
 
 
-class SecretBox:
-    """Encrypts storage secrets with a key derived from IBP_SECRET_KEY (Fernet: AES + HMAC)."""
+_WRONG_KEY = "Stored secrets cannot be decrypted: was IBP_SECRET_KEY changed?"
 
-    def __init__(self, secret_key: str) -> None:
-        key = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=b"ibp-storage-secrets", info=b"fernet-v1"
-        ).derive(secret_key.encode())
-        self._fernet = Fernet(base64.urlsafe_b64encode(key))
+
+class SecretBox:
+    """Encrypts storage secrets with a key derived from IBP_SECRET_KEY (Fernet: AES + HMAC).
+
+    Blobs sealed with one of `previous_keys` (IBP_PREVIOUS_SECRET_KEYS) still open; new ones
+    are always sealed with `secret_key`, and `reseal` moves an old blob to it (MultiFernet).
+    """
+
+    def __init__(self, secret_key: str, previous_keys: tuple[str, ...] = ()) -> None:
+        keys = dict.fromkeys((secret_key, *previous_keys))  # current first, no repeats
+        self._fernet = MultiFernet([_fernet(key) for key in keys])
 
     def encrypt(self, values: dict[str, Any]) -> str:
         return self._fernet.encrypt(json.dumps(values).encode()).decode()
@@ -88,18 +93,31 @@ class SecretBox:
         try:
             data: dict[str, Any] = json.loads(self._fernet.decrypt(blob.encode()))
         except InvalidToken as exc:
-            raise WrongSecretKey(
-                "Stored secrets cannot be decrypted: was IBP_SECRET_KEY changed?"
-            ) from exc
+            raise WrongSecretKey(_WRONG_KEY) from exc
         return data
+
+    def reseal(self, blob: str) -> str:
+        """The same secrets sealed with the current key (WrongSecretKey if no key opens it)."""
+        try:
+            return self._fernet.rotate(blob.encode()).decode()
+        except InvalidToken as exc:
+            raise WrongSecretKey(_WRONG_KEY) from exc
+
+
+def _fernet(secret_key: str) -> Fernet:
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=b"ibp-storage-secrets", info=b"fernet-v1"
+    ).derive(secret_key.encode())
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 @lru_cache(maxsize=4)
-def _box(secret_key: str) -> SecretBox:
-    return SecretBox(secret_key)
+def _box(secret_key: str, previous_keys: tuple[str, ...]) -> SecretBox:
+    return SecretBox(secret_key, previous_keys)
 
 
 def secret_box() -> SecretBox:
     from app.config import get_settings
 
-    return _box(get_settings().secret_key)
+    settings = get_settings()
+    return _box(settings.secret_key, tuple(settings.previous_secret_keys))

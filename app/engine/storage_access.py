@@ -50,6 +50,22 @@ def ensure_decryptable(storages: Iterable[BackupStorage]) -> None:
         raise SecretsUndecryptable(failed)
 
 
+def reseal_secrets(storages: Iterable[BackupStorage]) -> int:
+    """Seal every storage's secrets again with the current IBP_SECRET_KEY (they may have been
+    sealed with one of IBP_PREVIOUS_SECRET_KEYS); returns how many storages hold secrets.
+
+    All or nothing: when some do not open with any key, raises SecretsUndecryptable naming
+    every one of them and changes none.
+    """
+    sealed = [storage for storage in storages if storage.secrets_encrypted]
+    ensure_decryptable(sealed)
+    box = secret_box()
+    for storage in sealed:
+        assert storage.secrets_encrypted is not None
+        storage.secrets_encrypted = box.reseal(storage.secrets_encrypted)
+    return len(sealed)
+
+
 async def open_driver(session: AsyncSession, storage_id: uuid.UUID) -> BackupStorageDriver:
     storage = await session.get(BackupStorage, storage_id)
     if storage is None:
