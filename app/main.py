@@ -13,6 +13,7 @@ from arq.connections import RedisSettings
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from app.auth.router import auth_router, tokens_router
@@ -60,7 +61,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    # Swagger UI and ReDoc from files installed with fastapi-offline, not a CDN: the docs
+    # render where the servers have no internet.
+    app = FastAPIOffline(
         title="Instance Backup Policies",
         version="1.0.0",
         summary="Automated full and incremental backups of VMs, on a schedule you set once.",
@@ -68,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=_operation_id,
         openapi_url=f"{API_PREFIX}/openapi.json",
         docs_url=f"{API_PREFIX}/docs",
-        redoc_url=None,
+        redoc_url=f"{API_PREFIX}/redoc",
+        swagger_ui_oauth2_redirect_url=f"{API_PREFIX}/docs/oauth2-redirect",
+        static_url=f"{API_PREFIX}/docs/static",
     )
     app.state.settings = settings
     app.state.sessionmaker = None

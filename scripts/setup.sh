@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared by scripts/dev and scripts/test: install what is missing and start local services.
 # Idempotent and quiet when everything is already there. Run as root (or with sudo).
+# --tests: also what only the tests need (Chromium).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,6 +25,8 @@ command -v pg_isready >/dev/null || want+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || want+=(redis-server)
 command -v jq >/dev/null || want+=(jq)                   # the README's walkthrough reads JSON
 command -v curl >/dev/null || want+=(curl)
+# `scripts/setup.sh --tests` (scripts/test): a headless browser renders the API docs offline.
+if [ "${1:-}" = "--tests" ]; then command -v chromium >/dev/null || want+=(chromium); fi
 if [ ${#want[@]} -gt 0 ]; then log "installing ${want[*]}"; apt_install "${want[@]}"; fi
 
 # --- PostgreSQL and Redis (start them only when not answering) -------------------------------
