@@ -20,9 +20,16 @@ if TYPE_CHECKING:
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from app.main import create_app
-
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    _settings()  # refused settings are said once, here, not by each worker process
+    # An import string and a factory: with --workers N, each process builds its own app.
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level="info",
+    )
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -275,6 +282,12 @@ def _migrate(_: argparse.Namespace) -> None:
     command.upgrade(Config(str(paths.ALEMBIC_INI)), "head")
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _settings() -> Settings:
     from app.config import get_settings
 
@@ -288,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     serve = sub.add_parser("serve", help="run the HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers", type=_at_least_one, default=1, help="API processes sharing the port (1)"
+    )
     serve.set_defaults(func=_serve)
 
     worker = sub.add_parser("worker", help="run the scheduler/control worker and hypervisor jobs")
