@@ -1,20 +1,43 @@
 """The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, demo-vm,
-run-backup, reconcile, rotate-secrets, openapi."""
+run-backup, reconcile, rotate-secrets, openapi.
+
+Expected failures end in one line on stderr and an exit code, never a traceback; `_fail` in
+`main` is the one place that turns them into words:
+  1  refused: what was asked for does not exist or cannot be done (unknown email or backup...)
+  2  usage: a missing or malformed argument (argparse)
+  3  configuration refused (an IBP_* setting)
+  4  PostgreSQL or Redis cannot be reached: try again when it is back
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
+import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from app.config import Settings
     from app.models import User
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_UNREACHABLE = 4
+
+
+class CliError(Exception):
+    """An expected failure of a command: its message is all the operator sees."""
+
+    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -43,15 +66,55 @@ def _worker(args: argparse.Namespace) -> None:
     )
 
 
-async def _create_admin(email: str, password: str) -> None:
+ADMIN_PASSWORD_ENV = "IBP_ADMIN_PASSWORD"
+
+
+def _admin_password(password_file: str | None) -> str:
+    """From --password-file, else IBP_ADMIN_PASSWORD, else asked twice at the terminal: never
+    the command line, which other users of the machine can read in the process list."""
+    if password_file is not None:
+        try:
+            text = Path(password_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(
+                f"cannot read the password file {password_file}: {exc.strerror}"
+            ) from exc
+        password = text.splitlines()[0] if text else ""
+        if not password:
+            raise CliError(f"the password file {password_file} is empty")
+        return password
+    if password := os.environ.get(ADMIN_PASSWORD_ENV, ""):
+        return password
+    if not sys.stdin.isatty():
+        raise CliError(
+            f"no password: give --password-file PATH or set {ADMIN_PASSWORD_ENV} "
+            "(or run it at a terminal to be asked)"
+        )
+    import getpass
+
+    password = getpass.getpass("Password for the admin: ")
+    if getpass.getpass("The same password again: ") != password:
+        raise CliError("the two passwords differ")
+    return password
+
+
+async def _create_admin(email: str, password_file: str | None, if_missing: bool) -> None:
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
     from app.users.service import ensure_admin
 
+    # Asked before connecting, unless the account's existence decides whether it is needed.
+    password = None if if_missing else _admin_password(password_file)
     engine = build_engine(get_settings())
     try:
         async with build_sessionmaker(engine)() as session:
-            user, created = await ensure_admin(session, email, password)
+            if if_missing and (existing := await _find_user(session, email)) is not None:
+                # A second start of scripts/dev: the admin may have changed its password since.
+                print(f"User {existing.email} exists ({existing.id}): left as it is")
+                return
+            user, created = await ensure_admin(
+                session, email, password or _admin_password(password_file)
+            )
             await session.commit()
     finally:
         await engine.dispose()
@@ -108,14 +171,18 @@ async def _register_local(root: Path) -> None:
         await engine.dispose()
 
 
-async def _user_by_email(session: AsyncSession, email: str) -> User:
+async def _find_user(session: AsyncSession, email: str) -> User | None:
     from sqlalchemy import select
 
     from app.models import User
 
-    user = await session.scalar(select(User).where(User.email == email.strip().lower()))
+    return await session.scalar(select(User).where(User.email == email.strip().lower()))
+
+
+async def _user_by_email(session: AsyncSession, email: str) -> User:
+    user = await _find_user(session, email)
     if user is None:
-        raise SystemExit(f"No user with email {email}")
+        raise CliError(f"No user with email {email}")
     return user
 
 
@@ -141,16 +208,28 @@ async def _create_token(email: str, name: str) -> None:
     print(token)
 
 
-async def _run_backup(backup_id: str) -> None:
+async def _run_backup(backup_id: uuid.UUID) -> None:
+    from sqlalchemy import select
+
     from app.config import get_settings
+    from app.models import Backup
+    from app.values import BackupStatus
     from worker.jobs import RESOURCES, Resources
     from worker.tasks.backup import run_backup
 
     res = Resources.open(get_settings(), None)
     try:
-        result = await run_backup({RESOURCES: res, "job_try": 1}, backup_id)
+        async with res.session() as session:
+            status = await session.scalar(select(Backup.status).where(Backup.id == backup_id))
+        if status is None:
+            raise CliError(f"No backup {backup_id}")
+        if status != BackupStatus.PENDING:
+            raise CliError(f"Backup {backup_id} is {status}: only a pending backup can be run")
+        result = await run_backup({RESOURCES: res, "job_try": 1}, str(backup_id))
     finally:
         await res.close()
+    if result == "not pending" or result.startswith("failed"):
+        raise CliError(f"Backup {backup_id} {result}")
     print(result)
 
 
@@ -199,7 +278,7 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
             user = await _user_by_email(session, email)
             hypervisor = await session.scalar(select(Hypervisor).where(Hypervisor.name == "local"))
             if hypervisor is None:
-                raise SystemExit("No hypervisor 'local': run `ibp setup-local` first")
+                raise CliError("No hypervisor 'local': run `ibp setup-local` first")
             await asyncio.to_thread(
                 ensure_demo_vm, hypervisor.libvirt_uri, name, disk, size_mib * mib, data_mib * mib
             )
@@ -274,8 +353,8 @@ def _migrate(_: argparse.Namespace) -> None:
     if not paths.ALEMBIC_INI.exists():
         # An installed package ships no migrations: they sit beside alembic.ini (the image's
         # working directory, or a checkout).
-        sys.exit(
-            f"ibp migrate: no alembic.ini beside the package ({paths.ROOT}) nor in the current "
+        raise CliError(
+            f"no alembic.ini beside the package ({paths.ROOT}) nor in the current "
             f"directory ({Path.cwd()}). Run it from the directory holding alembic.ini and "
             "migrations/ (/srv/ibp in the image)."
         )
@@ -294,13 +373,41 @@ def _settings() -> Settings:
     return get_settings()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ibp", description="Instance Backup Policies")
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line, with where to read more (argparse prints the whole usage).
+    No abbreviated options: `--password` must not quietly mean `--password-file`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ibp")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ibp", description="Instance Backup Policies")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     serve.add_argument(
         "--workers", type=_at_least_one, default=1, help="API processes sharing the port (1)"
     )
@@ -328,10 +435,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     worker.set_defaults(func=_worker)
 
-    admin = sub.add_parser("create-admin", help="create (or reset) an admin account")
-    admin.add_argument("--email", required=True)
-    admin.add_argument("--password", required=True)
-    admin.set_defaults(func=lambda a: asyncio.run(_create_admin(a.email, a.password)))
+    admin = sub.add_parser(
+        "create-admin",
+        help="create an admin account, or make the account admin with this password; the "
+        f"password comes from --password-file, else {ADMIN_PASSWORD_ENV}, else a prompt",
+    )
+    admin.add_argument("--email", required=True, help="the admin's email (login)")
+    admin.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="read the password from the first line of this file",
+    )
+    admin.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when an account with this email exists (its password stays)",
+    )
+    admin.set_defaults(
+        func=lambda a: asyncio.run(_create_admin(a.email, a.password_file, a.if_missing))
+    )
 
     local = sub.add_parser(
         "setup-local", help="register this machine as hypervisor 'local' with local-disk storage"
@@ -340,8 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     local.set_defaults(func=lambda a: _setup_local(a.data_dir or _settings().data_dir))
 
     token = sub.add_parser("create-token", help="print a new personal API token for a user")
-    token.add_argument("--email", required=True)
-    token.add_argument("--name", default="cli")
+    token.add_argument("--email", required=True, help="the user the token acts as")
+    token.add_argument("--name", default="cli", help="the token's name, to recognise it (cli)")
     token.set_defaults(func=lambda a: asyncio.run(_create_token(a.email, a.name)))
 
     reconcile = sub.add_parser(
@@ -365,7 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     run_backup = sub.add_parser(
         "run-backup", help="run one pending backup now, in this process (for operators)"
     )
-    run_backup.add_argument("backup_id")
+    run_backup.add_argument(
+        "backup_id", type=_uuid, metavar="BACKUP_ID", help="id of a pending backup"
+    )
     run_backup.set_defaults(func=lambda a: asyncio.run(_run_backup(a.backup_id)))
 
     demo = sub.add_parser(
@@ -402,14 +526,112 @@ def main(argv: list[str] | None = None) -> None:
     migrate = sub.add_parser("migrate", help="apply database migrations (alembic upgrade head)")
     migrate.set_defaults(func=_migrate)
 
-    args = parser.parse_args(argv)
-    from pydantic import ValidationError
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValidationError as exc:  # settings refused: say why, without a traceback
-        messages = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-        raise SystemExit(f"ibp: configuration refused: {messages}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        failure = _fail(exc)
+        if failure is None:
+            raise  # a bug: its traceback is wanted
+        code, message = failure
+        print(f"ibp {args.command}: {message}", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def _fail(exc: Exception) -> tuple[int, str] | None:
+    """The exit code and one line for an expected failure; None for anything else."""
+    from pydantic import ValidationError
+
+    from app.virt.errors import VirtError
+
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    if isinstance(exc, ValidationError):
+        settings = exc.title == "Settings"
+        messages = "; ".join(
+            _field(e["loc"], settings) + str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        if settings:
+            return EXIT_CONFIG, f"configuration refused: {messages}"
+        return EXIT_REFUSED, messages
+    if isinstance(exc, VirtError):
+        return EXIT_REFUSED, str(exc)
+    if (service := _unreachable(exc)) is not None:
+        return EXIT_UNREACHABLE, f"{service}: {_reason(exc)}"
+    return None
+
+
+def _field(loc: tuple[int | str, ...], settings: bool) -> str:
+    """A setting by its variable's name (IBP_DB_POOL_SIZE), a payload's field by its own."""
+    if not loc:
+        return ""
+    name = ".".join(map(str, loc))
+    return f"IBP_{name.upper()}: " if settings else f"{name}: "
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Which of PostgreSQL and Redis could not be reached or refused us, named with its URL
+    (password hidden); None when the error is neither."""
+    import traceback
+
+    import asyncpg.exceptions
+    import redis.exceptions
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    from app.db import database_unreachable
+
+    settings = _settings()
+    database = f"PostgreSQL ({make_url(settings.database_url).render_as_string()}) "
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    if any(
+        isinstance(e, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError)
+        for e in chain
+    ):
+        return f"Redis ({_hide_password(settings.redis_url)}) cannot be reached"
+    if database_unreachable(exc):
+        return database + "cannot be reached"
+    refused = (
+        asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+        asyncpg.exceptions.InvalidCatalogNameError,
+    )
+    if isinstance(exc, DBAPIError) and any(isinstance(e, refused) for e in chain):
+        return database + "refused the connection"
+    # A name that does not resolve, or every address refusing: asyncpg raises plain OSErrors.
+    if isinstance(exc, OSError) and any(
+        "/asyncpg/" in frame.filename for frame in traceback.extract_tb(exc.__traceback__)
+    ):
+        return database + "cannot be reached"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig.__cause__ or exc.orig  # asyncpg's words, not SQLAlchemy's wrapping
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hide_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (postgresql+asyncpg://user[:password]@host[:port]/database)"
+            ) from None
+        return value
+
     @model_validator(mode="after")
     def _storage_roots(self) -> Settings:
         if not self.storage_roots:

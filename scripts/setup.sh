@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Shared by scripts/dev and scripts/test: install what is missing and start local services.
 # Idempotent and quiet when everything is already there. Run as root (or with sudo).
-# --tests: also what only the tests need (Chromium).
+# `scripts/setup.sh --runtime` (scripts/dev) installs what the service needs to run;
+# `scripts/setup.sh --tests` (scripts/test, the default) also the test and lint tools (the `dev`
+# extra), sshd for the SFTP tests and Chromium, which renders the API docs offline in a test.
 set -euo pipefail
+RUNTIME_ONLY=""
+case "${1:-}" in
+    --runtime) RUNTIME_ONLY=1 ;;
+    --tests | "") ;;
+    *) echo "usage: scripts/setup.sh [--runtime | --tests]" >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export DEBIAN_FRONTEND=noninteractive
@@ -19,14 +27,13 @@ apt_install() {
 # --- Debian packages -----------------------------------------------------------------------
 scripts/install-virt-deps.sh
 want=()
-[ -x /usr/sbin/sshd ] || want+=(openssh-server)          # SFTP storage tests use real sshd
+[ -n "$RUNTIME_ONLY" ] || [ -x /usr/sbin/sshd ] || want+=(openssh-server)  # SFTP tests: sshd
 command -v python3.11 >/dev/null || want+=(python3.11 python3.11-venv python3.11-dev)
 command -v pg_isready >/dev/null || want+=(postgresql postgresql-client)
 command -v redis-server >/dev/null || want+=(redis-server)
 command -v jq >/dev/null || want+=(jq)                   # the README's walkthrough reads JSON
 command -v curl >/dev/null || want+=(curl)
-# `scripts/setup.sh --tests` (scripts/test): a headless browser renders the API docs offline.
-if [ "${1:-}" = "--tests" ]; then command -v chromium >/dev/null || want+=(chromium); fi
+[ -n "$RUNTIME_ONLY" ] || command -v chromium >/dev/null || want+=(chromium)  # the docs test
 if [ ${#want[@]} -gt 0 ]; then log "installing ${want[*]}"; apt_install "${want[@]}"; fi
 
 # --- PostgreSQL and Redis (start them only when not answering) -------------------------------
@@ -50,13 +57,15 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv"
     python3.11 -m venv .venv
 fi
+# A dev install holds the runtime one: a runtime setup is content with either stamp.
 stamp=".venv/.ibp-installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-    log "installing Python dependencies"
+if [ -n "$RUNTIME_ONLY" ]; then kind=runtime spec=. ; else kind=dev spec='.[dev]'; fi
+if [ ! -f "$stamp-dev" ] && [ ! -f "$stamp-$kind" ]; then
+    log "installing Python dependencies ($kind)"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
+    .venv/bin/pip install -q -c constraints.txt -e "$spec"
     rm -f .venv/.ibp-installed-*
-    touch "$stamp"
+    touch "$stamp-$kind"
 fi
 
 # --- libvirt + QEMU (the backup engine and its tests drive real VMs) -------------------------
