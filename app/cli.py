@@ -287,6 +287,11 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
                     Instance.hypervisor_id == hypervisor.id, Instance.domain_name == name
                 )
             )
+            if instance is not None and instance.deleting_at is not None:
+                raise CliError(
+                    f"Instance {instance.id} ({name}) is being deleted with its backups; "
+                    "run this again when the worker has removed them"
+                )
             if instance is None:
                 instance = Instance(
                     name=name,

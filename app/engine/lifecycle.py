@@ -1,5 +1,5 @@
 """What happens around a backup's run: its completion in the catalog, retention, the policy's
-status, stale work."""
+status, stale work, and an instance leaving with its backups."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import completed_chains
@@ -192,6 +192,34 @@ async def mark_for_deletion(
     )
     for backup_id in backup_ids:
         enqueue_deletion(jobs, backup_id)
+
+
+async def remove_instance(session: AsyncSession, instance_id: uuid.UUID) -> None:
+    """An instance without backups goes with the records that name it: its restores (their
+    history ends with it), its empty chains and its disks."""
+    await session.execute(delete(Restore).where(Restore.instance_id == instance_id))
+    await session.execute(delete(BackupChain).where(BackupChain.instance_id == instance_id))
+    await session.execute(delete(Instance).where(Instance.id == instance_id))
+
+
+async def remove_instance_when_emptied(session: AsyncSession, instance_id: uuid.UUID) -> bool:
+    """After a deletion job removed a backup: an instance deleted with its backups goes when
+    none is left. Each job asks after committing its own removal, under the instance's lock,
+    so whichever removes the last backup sees none left."""
+    deleting = await session.scalar(
+        select(Instance.id)
+        .where(Instance.id == instance_id, Instance.deleting_at.is_not(None))
+        .with_for_update()
+    )
+    if deleting is None:
+        return False
+    left = await session.scalar(
+        select(func.count()).select_from(Backup).where(Backup.instance_id == instance_id)
+    )
+    if left:
+        return False
+    await remove_instance(session, instance_id)
+    return True
 
 
 async def record_failure(

@@ -3,12 +3,18 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import JSONResponse
 
 from app.auth.deps import AdminUser, CurrentUser, TokenFirstRoute
-from app.deps import SessionDep
+from app.deps import JobQueueDep, SessionDep
 from app.instances import service
-from app.instances.schemas import InstanceCreate, InstanceRead, InstanceUpdate
+from app.instances.schemas import (
+    InstanceCreate,
+    InstanceDeletion,
+    InstanceRead,
+    InstanceUpdate,
+)
 from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
 from app.values import InstanceStatus
@@ -63,8 +69,30 @@ async def update(
 @router.delete(
     "/{instance_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    summary="Delete an instance (admin)",
-    responses=problem_responses(403, 409),
+    summary="Delete an instance (admin); with delete_backups=true, its backups too",
+    response_class=Response,
+    responses={
+        **problem_responses(403, 409),
+        202: {
+            "model": InstanceDeletion,
+            "description": "Its backups are being deleted; the instance is gone from the API "
+            "now, and from the catalog once their files are removed.",
+        },
+    },
 )
-async def delete(instance_id: uuid.UUID, session: SessionDep, admin: AdminUser) -> None:
-    await service.delete_instance(session, await service.get_instance(session, admin, instance_id))
+async def delete(
+    instance_id: uuid.UUID,
+    session: SessionDep,
+    admin: AdminUser,
+    jobs: JobQueueDep,
+    delete_backups: Annotated[
+        bool,
+        Query(description="Also delete its backups (409 without it when it has some)."),
+    ] = False,
+) -> Response:
+    instance = await service.get_instance(session, admin, instance_id, for_update=True)
+    deleting = await service.delete_instance(session, instance, delete_backups, jobs)
+    if deleting is None:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    body = InstanceDeletion(backup_ids=deleting)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
 from app.schemas import Name, RequestBody, Schema
-from app.values import InstanceStatus
+from app.values import BackupStatus, InstanceStatus
 
 
 # In requests and in reads: a RequestBody, so that its fields are strict.
@@ -79,3 +80,12 @@ class InstanceUpdate(RequestBody):
     @classmethod
     def _check_disks(cls, disks: list[DiskSpec] | None) -> list[DiskSpec] | None:
         return None if disks is None else _one_boot_disk(disks)
+
+
+class InstanceDeletion(Schema):
+    """`DELETE /instances/{id}?delete_backups=true` of an instance with backups."""
+
+    backup_ids: list[uuid.UUID] = Field(
+        description="Its backups, being deleted; the instance goes when their files are removed."
+    )
+    status: Literal[BackupStatus.DELETING] = BackupStatus.DELETING

@@ -9,14 +9,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from app.db import flush_or_conflict
+from app.engine.chains import busy
+from app.engine.lifecycle import mark_for_deletion, remove_instance
 from app.errors import Conflict, NotFound, Unprocessable
 from app.instances.schemas import InstanceCreate, InstanceUpdate
 from app.models import Backup, Hypervisor, Instance, InstanceDisk, User
+from app.models.base import utcnow
+from app.queues import JobQueue
+from app.values import BackupStatus
 
 
 def readable_instances(user: User) -> Select[Instance]:
-    """Every instance query goes through here: users see only their own rows."""
-    stmt = select(Instance)
+    """Every instance query goes through here: users see only their own rows, and nobody an
+    instance being deleted with its backups."""
+    stmt = select(Instance).where(Instance.deleting_at.is_(None))
     if not user.is_admin:
         stmt = stmt.where(Instance.owner_id == user.id)
     return stmt
@@ -116,8 +122,31 @@ async def _backup_count(session: AsyncSession, instance: Instance) -> int:
     return count or 0
 
 
-async def delete_instance(session: AsyncSession, instance: Instance) -> None:
-    backups = await _backup_count(session, instance)
-    if backups:
-        raise Conflict(f"Instance still has {backups} backup(s); delete them first")
-    await session.delete(instance)
+async def delete_instance(
+    session: AsyncSession, instance: Instance, delete_backups: bool, jobs: JobQueue
+) -> list[uuid.UUID] | None:
+    """None: the instance is gone. With its backups: the ids of the backups being deleted;
+    the instance goes (hidden until then) when the deletion jobs have removed the last one's
+    files, as `DELETE /backups/{id}?cascade=true` removes them."""
+    backups = list(
+        await session.execute(
+            select(Backup.id, Backup.status).where(Backup.instance_id == instance.id)
+        )
+    )
+    if not backups:
+        await remove_instance(session, instance.id)
+        return None
+    if not delete_backups:
+        raise Conflict(
+            f"Instance still has {len(backups)} backup(s); delete them first, or delete the "
+            "instance with ?delete_backups=true to delete them too"
+        )
+    # A restore may be reading a chain, a backup writing one: deleting waits for them.
+    if (work := await busy(session, instance.id)) is not None:
+        raise Conflict(f"{work}; delete the instance when it finishes")
+    instance.deleting_at = utcnow()
+    instance.backup_policy_id = None  # no new scheduled backups meanwhile
+    await mark_for_deletion(
+        session, [b_id for b_id, status in backups if status != BackupStatus.DELETING], jobs
+    )
+    return [b_id for b_id, _ in backups]

@@ -78,6 +78,9 @@ class Instance(IdMixin, TimestampMixin, Base):
     backup_policy_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("backup_policies.id", ondelete="SET NULL"), index=True
     )
+    # Deleted with its backups: hidden from the API, the row goes once the deletion jobs have
+    # removed the last backup's files (remove_instance_when_emptied in app/engine/lifecycle.py).
+    deleting_at: Mapped[datetime | None] = mapped_column()
 
     disks: Mapped[list[InstanceDisk]] = relationship(
         lazy="raise", cascade="all, delete-orphan", order_by="InstanceDisk.target"

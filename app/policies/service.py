@@ -14,6 +14,7 @@ from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
+from app.instances.service import readable_instances
 from app.models import BackupPolicy, Instance, User
 from app.policies.schemas import PolicyCreate, PolicyRead, PolicySchedule, PolicyUpdate
 from app.scheduling import Schedule, next_run_at, schedule_summary
@@ -289,10 +290,7 @@ async def attach_instance(
 ) -> tuple[Instance, bool]:
     """Attach; returns (instance, created). The database decides races: one UPDATE wins."""
     policy = await get_policy(session, user, policy_id)
-    stmt = select(Instance).where(Instance.id == instance_id)
-    if not user.is_admin:
-        stmt = stmt.where(Instance.owner_id == user.id)
-    instance = await session.scalar(stmt)
+    instance = await session.scalar(readable_instances(user).where(Instance.id == instance_id))
     if instance is None:
         raise NotFound("Instance not found")
     if instance.owner_id != policy.owner_id:

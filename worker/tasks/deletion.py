@@ -8,6 +8,7 @@ import uuid
 from arq import Retry
 from sqlalchemy import delete, func, select
 
+from app.engine.lifecycle import remove_instance_when_emptied
 from app.engine.storage_access import backup_prefix, open_driver
 from app.errors import SecretsUndecryptable
 from app.models import Backup, BackupChain, BackupFile
@@ -28,6 +29,7 @@ async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
             return "gone"
         if backup.status != BackupStatus.DELETING:
             return f"not deleting ({backup.status})"
+        instance_id = backup.instance_id
         files = list(
             await session.scalars(select(BackupFile).where(BackupFile.backup_id == backup.id))
         )
@@ -63,4 +65,8 @@ async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
             if not left:
                 await session.delete(chain)
         await session.commit()
+    # Only once this removal is committed: the job removing the last backup then sees none.
+    async with resources(ctx).session() as session:
+        if await remove_instance_when_emptied(session, instance_id):
+            log.info("instance %s deleted with its last backup", instance_id)
     return "deleted"
