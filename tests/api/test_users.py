@@ -258,11 +258,8 @@ async def test_ensure_admin_promotes_an_existing_user(session: AsyncSession) -> 
 
 
 async def test_create_admin_cli_is_idempotent(committed_engine: AsyncEngine) -> None:
-    env = {**os.environ}
-    args = [
-        sys.executable, "-m", "app.cli", "create-admin",
-        "--email", "cli-admin@example.com", "--password", "cli password 1",
-    ]  # fmt: skip
+    env = {**os.environ, "IBP_ADMIN_PASSWORD": "cli password 1"}
+    args = [sys.executable, "-m", "app.cli", "create-admin", "--email", "cli-admin@example.com"]
     cwd = str(ALEMBIC_INI.parent)
 
     def run() -> subprocess.CompletedProcess[str]:
