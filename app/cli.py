@@ -1,5 +1,5 @@
 """The `ibp` command: serve, worker, migrate, create-admin, setup-local, create-token, demo-vm,
-run-backup, reconcile, rotate-secrets, openapi.
+run-backup, reconcile, rotate-secrets, status, openapi.
 
 Expected failures end in one line on stderr and an exit code, never a traceback; `_fail` in
 `main` is the one place that turns them into words:
@@ -19,6 +19,8 @@ import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+from app.version import package_version
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -261,6 +263,52 @@ async def _reconcile(dry_run: bool, window_hours: float) -> int:
     return 1 if failed else 0
 
 
+async def _status() -> int:
+    """Every worker seen, and whether each hypervisor has a live one (exit 1 naming those
+    that have none)."""
+    from datetime import UTC, datetime
+
+    from app.config import get_settings
+    from app.db import build_engine, build_sessionmaker
+    from app.engine.workers import presence
+    from app.units import duration_human
+
+    engine = build_engine(get_settings())
+    try:
+        async with build_sessionmaker(engine)() as session:
+            now = datetime.now(UTC)
+            seen = await presence(session, now)
+    finally:
+        await engine.dispose()
+    rows = [("WORKER", "HOST", "PID", "LAST HEARTBEAT", "JOBS", "VERSION", "STATE")]
+    for w in seen.workers:
+        state = "live" if w.live else "stopped" if w.stopped_at is not None else "gone"
+        rows.append(
+            (
+                w.hypervisor or "control",
+                w.host,
+                str(w.pid),
+                f"{duration_human((now - w.seen_at).total_seconds())} ago",
+                str(w.jobs),
+                w.version or "-",
+                state,
+            )
+        )
+    if seen.workers:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
+    else:
+        print("No worker has been seen.")
+    for name in seen.unserved:
+        print(f"ibp status: hypervisor {name} has no live worker", file=sys.stderr)
+    return 1 if seen.unserved else 0
+
+
 async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: int) -> None:
     """A running demo VM on hypervisor 'local', registered as an instance of `email`'s."""
     from sqlalchemy import select
@@ -396,18 +444,9 @@ def _uuid(text: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ibp")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ibp", description="Instance Backup Policies")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP API")
@@ -524,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
         "one of IBP_PREVIOUS_SECRET_KEYS); exit 1, changing nothing, if some cannot be decrypted",
     )
     rotate.set_defaults(func=lambda a: sys.exit(asyncio.run(_rotate_secrets())))
+
+    status = sub.add_parser(
+        "status",
+        help="list every worker seen (hypervisor, host, pid, last heartbeat, jobs running, "
+        "version); exit 1 when a hypervisor has no live worker",
+    )
+    status.set_defaults(func=lambda _: sys.exit(asyncio.run(_status())))
 
     openapi = sub.add_parser("openapi", help="print the OpenAPI document")
     openapi.set_defaults(func=_openapi)

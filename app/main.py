@@ -21,6 +21,7 @@ from app.backups.router import router as backups_router
 from app.body_limit import BodySizeLimit
 from app.config import Settings, get_settings
 from app.db import build_engine, build_sessionmaker, database_unreachable
+from app.health.router import router as health_router
 from app.hypervisors.router import router as hypervisors_router
 from app.instances.router import router as instances_router
 from app.locations.router import router as locations_router
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         policies_router,
         backups_router,
         restores_router,
+        health_router,
     ):
         app.include_router(router, prefix=API_PREFIX)
 

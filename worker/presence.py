@@ -26,6 +26,7 @@ from app import virt
 from app.engine import workers
 from app.models import Backup, Hypervisor, Instance, Restore
 from app.values import BackupStatus
+from app.version import package_version
 from worker.jobs import Job, Resources, now, until_recorded
 from worker.tasks.backup import BackupJob
 from worker.tasks.restore import RestoreJob
@@ -56,7 +57,13 @@ def process_alive(pid: int) -> bool:
 async def register(res: Resources, hypervisor_id: uuid.UUID | None) -> uuid.UUID:
     async with res.session() as session:
         return await workers.register(
-            session, hypervisor_id, socket.gethostname(), os.getpid(), now(), process_alive
+            session,
+            hypervisor_id,
+            socket.gethostname(),
+            os.getpid(),
+            now(),
+            process_alive,
+            package_version(),
         )
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Backup, Hypervisor, Instance, Restore, Worker
@@ -45,6 +46,11 @@ def is_live(now: datetime) -> ColumnElement[bool]:
     return and_(Worker.stopped_at.is_(None), Worker.seen_at > now - GONE_AFTER)
 
 
+def served(now: datetime) -> Select[uuid.UUID | None]:
+    """The hypervisors a live worker serves: any other one has no worker."""
+    return select(Worker.hypervisor_id).where(Worker.hypervisor_id.is_not(None), is_live(now))
+
+
 async def register(
     session: AsyncSession,
     hypervisor_id: uuid.UUID | None,
@@ -52,6 +58,7 @@ async def register(
     pid: int,
     now: datetime,
     process_alive: Callable[[int], bool],
+    version: str | None = None,
 ) -> uuid.UUID:
     """A new worker process. Earlier workers on this host whose process is gone are marked
     stopped at once: their jobs need not wait for GONE_AFTER to pass."""
@@ -62,7 +69,12 @@ async def register(
     if dead:
         await session.execute(update(Worker).where(Worker.id.in_(dead)).values(stopped_at=now))
     worker = Worker(
-        id=uuid.uuid4(), hypervisor_id=hypervisor_id, host=host, pid=pid, started_at=now
+        id=uuid.uuid4(),
+        hypervisor_id=hypervisor_id,
+        host=host,
+        pid=pid,
+        started_at=now,
+        version=version,
     )
     worker.seen_at = now
     session.add(worker)
@@ -111,7 +123,6 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
     """The tick's part: pending work on a hypervisor no live worker has served for GONE_AFTER
     fails saying so, and running work that nobody runs fails too (the hypervisor's next
     worker cleans up what it left). The failed rows."""
-    served = select(Worker.hypervisor_id).where(Worker.hypervisor_id.is_not(None), is_live(now))
     failed: list[Any] = []
     for model in (Backup, Restore):
         done = {"status": BackupStatus.FAILED, "completed_at": now, "progress": None}
@@ -123,7 +134,7 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
                     model.created_at < now - GONE_AFTER,
                     model.instance_id == Instance.id,
                     Instance.hypervisor_id == Hypervisor.id,
-                    Hypervisor.id.not_in(served),
+                    Hypervisor.id.not_in(served(now)),
                 )
                 .values(
                     **done, error=NO_WORKER, error_detail=literal(no_worker("")) + Hypervisor.name
@@ -141,3 +152,57 @@ async def fail_unattended(session: AsyncSession, now: datetime) -> list[Any]:
         ).all()
     await session.execute(delete(Worker).where(Worker.seen_at < now - FORGET_AFTER))
     return failed
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """One worker process as `ibp status` shows it."""
+
+    hypervisor: str | None  # None: a control-only worker
+    host: str
+    pid: int
+    seen_at: datetime
+    stopped_at: datetime | None
+    version: str | None
+    jobs: int  # backups and restores it runs now
+    live: bool
+
+
+@dataclass(frozen=True)
+class Presence:
+    workers: list[WorkerSeen]
+    unserved: list[str]  # names of the hypervisors no live worker serves
+
+
+async def presence(session: AsyncSession, now: datetime) -> Presence:
+    """Every worker row kept (live ones first, the newest first), and the hypervisors without
+    a live worker: what `ibp status` prints."""
+
+    def running(model: type[Backup] | type[Restore]) -> Any:
+        return (
+            select(func.count())
+            .select_from(model)
+            .where(model.worker_id == Worker.id, model.status == BackupStatus.IN_PROGRESS)
+            .scalar_subquery()
+        )
+
+    jobs = running(Backup) + running(Restore)
+    live = is_live(now)
+    rows = await session.execute(
+        select(
+            Hypervisor.name,
+            Worker.host,
+            Worker.pid,
+            Worker.seen_at,
+            Worker.stopped_at,
+            Worker.version,
+            jobs,
+            live,
+        )
+        .outerjoin(Hypervisor, Hypervisor.id == Worker.hypervisor_id)
+        .order_by(live.desc(), Hypervisor.name.nulls_first(), Worker.seen_at.desc())
+    )
+    unserved = await session.scalars(
+        select(Hypervisor.name).where(Hypervisor.id.not_in(served(now))).order_by(Hypervisor.name)
+    )
+    return Presence([WorkerSeen(*row) for row in rows], list(unserved))

@@ -24,3 +24,5 @@ class Worker(IdMixin, Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None] = mapped_column()
+    # The package version it runs (app.version); None for rows written before it was kept.
+    version: Mapped[str | None] = mapped_column(String(64))

@@ -17,7 +17,7 @@ REGENERATE = (
     ".venv/bin/python -c \"from app.cli import main; main(['openapi'])\" > openapi/openapi.json"
 )
 PROBLEM_REF = "#/components/schemas/Problem"
-PUBLIC = {("post", "/auth/login"), ("get", "/health")}
+PUBLIC = {("post", "/auth/login"), ("get", "/health"), ("get", "/ready")}
 # Operations that can answer 409 (a uniqueness clash, rows still in use, a state conflict).
 CONFLICTS = {
     ("post", "/users"),

@@ -27,8 +27,15 @@ from tests.factories import (
     login_session,
 )
 
-# Endpoints anyone may call.
-PUBLIC = {("POST", "/auth/login"), ("GET", "/health")}
+# Endpoints anyone may call: login, the probes and the API's documentation pages.
+PUBLIC = {
+    ("POST", "/auth/login"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+}
 
 
 @dataclass(frozen=True)
