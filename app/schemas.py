@@ -181,16 +181,23 @@ GIB = Decimal(1024**3)
 HOURS_PER_MONTH = Decimal(730)
 
 
+def monthly_cost(size_bytes: int, price: Decimal) -> Decimal:
+    """What `size_bytes` kept for a month costs at `price` per GB-month (a GB is 2^30 bytes)."""
+    return Decimal(size_bytes) / GIB * price
+
+
+def monthly_text(monthly: Decimal) -> str:
+    """A monthly cost as the API shows it: a decimal string to 4 places."""
+    return str(monthly.quantize(Decimal("0.0001"), ROUND_HALF_UP))
+
+
 def backup_costs(size_bytes: int | None, price: Decimal | None) -> tuple[str | None, str | None]:
     """(monthly, hourly) cost as decimal strings, or (None, None) without a price."""
     if price is None or size_bytes is None:
         return None, None
-    monthly = Decimal(size_bytes) / GIB * price
+    monthly = monthly_cost(size_bytes, price)
     hourly = monthly / HOURS_PER_MONTH
-    return (
-        str(monthly.quantize(Decimal("0.0001"), ROUND_HALF_UP)),
-        str(hourly.quantize(Decimal("0.000001"), ROUND_HALF_UP)),
-    )
+    return monthly_text(monthly), str(hourly.quantize(Decimal("0.000001"), ROUND_HALF_UP))
 
 
 def _decimal_text(value: Decimal) -> str:

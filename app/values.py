@@ -31,6 +31,10 @@ class BackupDevice(StrEnum):
     PRIMARY = "primary"  # the boot disk only
     ALL = "all"
 
+    def covers(self, boot: bool) -> bool:
+        """Whether a disk (the boot disk or not) is copied by a backup of this device."""
+        return self == BackupDevice.ALL or boot
+
 
 class PolicyStatus(StrEnum):
     ACTIVE = "active"

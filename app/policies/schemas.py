@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from app.schemas import Name, RequestBody, Schema
 from app.values import BackupDevice, BackupType, Frequency, PolicyStatus, Weekday
@@ -29,22 +29,32 @@ class PolicySchedule(RequestBody):
         return self
 
 
-class PolicyCreate(RequestBody):
+# Strict here too: RequestBody makes plain `int` fields strict, not an Annotated one in a union.
+MaxIncrementalChain = Annotated[int, Field(ge=0, le=30), Strict()]
+RetentionCount = Annotated[int, Field(ge=1, le=365), Strict()]
+
+
+class PolicySettings(RequestBody):
+    """What a policy does, with its defaults: in a new policy and in a cost estimate."""
+
+    schedule: PolicySchedule
+    max_incremental_chain: MaxIncrementalChain = 6
+    retention_count: RetentionCount = 3
+    backup_device: BackupDevice = BackupDevice.PRIMARY
+
+
+class PolicyCreate(PolicySettings):
     name: Name
     owner_id: uuid.UUID | None = Field(
         default=None, description="Admins may create a policy for any user; default: you."
     )
-    schedule: PolicySchedule
-    max_incremental_chain: int = Field(default=6, ge=0, le=30)
-    retention_count: int = Field(default=3, ge=1, le=365)
-    backup_device: BackupDevice = BackupDevice.PRIMARY
 
 
 class PolicyUpdate(RequestBody):
     name: Name | None = None
     schedule: PolicySchedule | None = None
-    max_incremental_chain: int | None = Field(default=None, ge=0, le=30)
-    retention_count: int | None = Field(default=None, ge=1, le=365)
+    max_incremental_chain: MaxIncrementalChain | None = None
+    retention_count: RetentionCount | None = None
     backup_device: BackupDevice | None = None
     status: Literal[PolicyStatus.ACTIVE, PolicyStatus.PAUSED] | None = Field(
         default=None, description="Pause or resume. 'error' is set by the system only."

@@ -129,7 +129,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     if state != "running":
         raise virt.DomainNotRunning(state)
     all_disks = await asyncio.to_thread(virt.list_disks, uri, domain)
-    disks = [d for d in all_disks if backup.backup_device == BackupDevice.ALL or d.boot]
+    disks = [d for d in all_disks if BackupDevice(backup.backup_device).covers(d.boot)]
     if not disks:
         raise JobFailed("Instance has no file-backed disk to back up")
     checkpoints = await asyncio.to_thread(virt.list_checkpoints, uri, domain)
