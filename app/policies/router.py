@@ -10,10 +10,12 @@ from app.backups import service as backups
 from app.backups.schemas import BackupRead, StatusFilter, TypeFilter
 from app.deps import SessionDep
 from app.instances.schemas import InstanceBrief
-from app.policies import preview, service
+from app.policies import estimate, preview, service
 from app.policies.schemas import (
     AttachRequest,
+    EstimateRequest,
     PolicyCreate,
+    PolicyEstimate,
     PolicyRead,
     PolicyUpdate,
     SchedulePreviewRun,
@@ -55,6 +57,19 @@ async def list_all(
 )
 async def create(payload: PolicyCreate, session: SessionDep, user: CurrentUser) -> PolicyRead:
     return await service.create_policy(session, user, payload)
+
+
+@router.post(
+    "/estimate",
+    name="estimate",
+    summary="Estimate what a policy would store at steady state and cost a month",
+    description="Nothing is saved. Your instances only (admins: any); the response states the "
+    "assumptions behind the figures.",
+)
+async def estimate_cost(
+    payload: EstimateRequest, session: SessionDep, user: CurrentUser
+) -> PolicyEstimate:
+    return await estimate.estimate(session, user, payload)
 
 
 @router.get("/{policy_id}", summary="Read a backup policy")

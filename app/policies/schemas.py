@@ -4,9 +4,9 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from app.schemas import Name, RequestBody, Schema
+from app.schemas import DecimalString, Name, RequestBody, Schema
 from app.values import BackupDevice, BackupType, Frequency, PolicyStatus, Weekday
 
 
@@ -90,3 +90,60 @@ class SchedulePreviewRun(BaseModel):
     at: datetime = Field(description="UTC instant of the run.")
     local_time: datetime = Field(description="The same instant in the owner's zone, with offset.")
     type: BackupType
+
+
+class EstimateRequest(PolicySettings):
+    instance_ids: list[uuid.UUID] = Field(
+        min_length=1, max_length=200, description="Your instances to attach (admins: any)."
+    )
+
+    @field_validator("instance_ids")
+    @classmethod
+    def _unique(cls, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        if len(set(ids)) != len(ids):
+            raise ValueError("instance ids must be unique")
+        return ids
+
+
+class InstanceEstimate(BaseModel):
+    instance_id: uuid.UUID
+    name: str
+    location_id: uuid.UUID
+    full_bytes: int = Field(description="One full backup of the chosen disks.")
+    full_basis: Literal["measured", "allocated"] = Field(
+        description="'measured': the instance's latest completed full of these disks; "
+        "'allocated': the disks' allocated size (no such full yet)."
+    )
+    incremental_bytes: int = Field(description="One incremental (a run's changes).")
+    incremental_basis: Literal["measured", "assumed"] = Field(
+        description="'measured': the median of its latest completed incrementals of these "
+        "disks; 'assumed': a share of the allocated size (no such incremental yet)."
+    )
+    measured_incrementals: int = Field(description="How many incrementals were measured.")
+    stored_bytes: int = Field(description="chains x (full + incrementals x incremental).")
+
+
+class LocationEstimate(BaseModel):
+    location_id: uuid.UUID
+    name: str
+    price_per_gb_month: DecimalString | None = Field(
+        description="Credits per GB-month (decimal string); null: no pricing."
+    )
+    stored_bytes: int
+    monthly_cost: str | None = Field(description="Decimal string; null without a price.")
+
+
+class PolicyEstimate(BaseModel):
+    """The steady state of a policy's backups: what they store and cost once retention runs."""
+
+    stored_bytes: int = Field(description="Every instance's steady-state bytes.")
+    monthly_cost: str | None = Field(
+        description="Sum over the locations (decimal string); null when one has no price."
+    )
+    chains: int = Field(description="Chains kept per instance (retention_count).")
+    incrementals_per_chain: int = Field(
+        description="Incrementals in a complete chain under this schedule."
+    )
+    instances: list[InstanceEstimate]
+    locations: list[LocationEstimate]
+    assumptions: list[str] = Field(description="How the figures were computed, in words.")
