@@ -1,4 +1,5 @@
-"""Cost estimates: what a policy's backups store at steady state and what that costs a month."""
+"""Cost estimates: what a policy's backups store at steady state and what that costs a month,
+for a policy being drafted (with the instances to attach) or as it stands (its detail)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.errors import NotFound
 from app.instances.service import readable_instances
-from app.models import Backup, Hypervisor, Instance, InstanceDisk, Location, User
+from app.models import Backup, BackupPolicy, Hypervisor, Instance, InstanceDisk, Location, User
 from app.policies.schemas import (
     EstimateRequest,
     InstanceEstimate,
     LocationEstimate,
+    PolicyDetail,
     PolicyEstimate,
 )
+from app.policies.service import attached_instances, get_policy_row, to_read
 from app.scheduling import Schedule
 from app.scheduling.footprint import (
     ASSUMED_DAILY_CHANGE_PERCENT,
@@ -60,6 +63,38 @@ async def estimate(session: AsyncSession, user: User, payload: EstimateRequest) 
         payload.backup_device,
     )
     return await estimate_for(session, settings, payload.instance_ids)
+
+
+async def policy_detail(session: AsyncSession, user: User, policy_id: uuid.UUID) -> PolicyDetail:
+    """The policy, the estimate of its attached instances and what they store under it today."""
+    await session.flush()
+    policy, zone, instance_count = await get_policy_row(session, user, policy_id)
+    ids = list(await session.scalars(attached_instances(policy).with_only_columns(Instance.id)))
+    settings = Settings(
+        policy.schedule,
+        policy.max_incremental_chain,
+        policy.retention_count,
+        BackupDevice(policy.backup_device),
+    )
+    return PolicyDetail(
+        **to_read(policy, zone, instance_count).model_dump(),
+        estimate=await estimate_for(session, settings, ids),
+        stored_bytes=await stored_today(session, policy),
+    )
+
+
+async def stored_today(session: AsyncSession, policy: BackupPolicy) -> int:
+    """Bytes of the completed backups that the policy's attached instances have under it."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(Backup.size_bytes), 0))
+        .join(Instance, Instance.id == Backup.instance_id)
+        .where(
+            Backup.policy_id == policy.id,
+            Instance.backup_policy_id == policy.id,
+            Backup.status == BackupStatus.COMPLETED,
+        )
+    )
+    return int(total or 0)
 
 
 async def estimate_for(

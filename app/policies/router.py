@@ -15,6 +15,7 @@ from app.policies.schemas import (
     AttachRequest,
     EstimateRequest,
     PolicyCreate,
+    PolicyDetail,
     PolicyEstimate,
     PolicyRead,
     PolicyUpdate,
@@ -72,9 +73,12 @@ async def estimate_cost(
     return await estimate.estimate(session, user, payload)
 
 
-@router.get("/{policy_id}", summary="Read a backup policy")
-async def read(policy_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> PolicyRead:
-    return await service.read_policy(session, user, policy_id)
+@router.get(
+    "/{policy_id}",
+    summary="Read a backup policy, with its estimate and what it stores today",
+)
+async def read(policy_id: uuid.UUID, session: SessionDep, user: CurrentUser) -> PolicyDetail:
+    return await estimate.policy_detail(session, user, policy_id)
 
 
 @router.patch("/{policy_id}", summary="Edit, pause or resume a backup policy")

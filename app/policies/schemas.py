@@ -147,3 +147,12 @@ class PolicyEstimate(BaseModel):
     instances: list[InstanceEstimate]
     locations: list[LocationEstimate]
     assumptions: list[str] = Field(description="How the figures were computed, in words.")
+
+
+class PolicyDetail(PolicyRead):
+    """A policy read alone: with the estimate of its attached instances and what it stores."""
+
+    estimate: PolicyEstimate = Field(description="The estimate for the policy as it stands.")
+    stored_bytes: int = Field(
+        description="What its attached instances' completed backups under it store today."
+    )

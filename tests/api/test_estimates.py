@@ -1,5 +1,5 @@
-"""Cost estimates (POST /backup-policies/estimate) against figures computed by hand from the
-rows below."""
+"""Cost estimates (POST /backup-policies/estimate, and a policy's detail) against figures
+computed by hand from the rows below."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.factories import (
     create_hypervisor,
     create_instance,
     create_location,
+    create_policy,
 )
 
 MIB, GIB = 1024**2, 1024**3
@@ -280,3 +281,58 @@ async def test_duplicate_and_missing_instance_ids_are_422(
         headers=fleet.headers,
     )
     assert_problem(r, 422, field="instance_ids")
+
+
+async def test_policy_detail_shows_its_estimate_next_to_what_it_stores(
+    client: httpx.AsyncClient, session: AsyncSession, fleet: Fleet
+) -> None:
+    policy = await create_policy(
+        session, fleet.owner, max_incremental_chain=2, retention_count=2, backup_device="primary"
+    )
+    kept = await located(
+        session,
+        fleet.owner,
+        fleet.cheap,
+        name="kept",
+        backup_policy_id=policy.id,
+        disks=[{"target": "vda", "boot": True, "size_bytes": 8 * GIB}],
+    )
+    # A manual full without a policy, older than the policy's: stored, but not under it.
+    await create_backup(session, kept, policy_id=None, manual=True, size_bytes=5 * GIB, **at(0))
+    await create_backup(session, kept, size_bytes=GIB, **at(1))
+    for day, size in ((2, 100), (3, 300)):
+        await create_backup(session, kept, type="incremental", size_bytes=size * MIB, **at(day))
+    await create_backup(session, kept, type="incremental", status="failed", size_bytes=None)
+    await create_backup(session, kept, type="incremental", status="deleting", size_bytes=MIB)
+    # Backups under the policy of an instance detached since: not the policy's any more.
+    left = await located(session, fleet.owner, fleet.dear, name="left")
+    await create_backup(session, left, policy_id=policy.id, size_bytes=7 * GIB, **at(1))
+
+    r = await client.get(f"/backup-policies/{policy.id}", headers=fleet.headers)
+    assert r.status_code == 200, r.text
+    detail = r.json()
+    assert detail["instance_count"] == 1
+    assert detail["stored_bytes"] == GIB + 400 * MIB  # the full and two incrementals
+    est = detail["estimate"]
+    assert (est["chains"], est["incrementals_per_chain"]) == (2, 2)
+    (only,) = est["instances"]
+    assert only["name"] == "kept"
+    # Latest full 1 GiB, median of 100 and 300 MiB (the deleting one is not completed): 200.
+    assert (only["full_bytes"], only["incremental_bytes"]) == (GIB, 200 * MIB)
+    assert est["stored_bytes"] == 2 * (1024 + 2 * 200) * MIB  # 2848 MiB
+    assert est["monthly_cost"] == "0.1391"  # 2.78125 GiB x 0.05 = 0.1390625
+    # The list shows the same policy without these two.
+    listed = (await client.get("/backup-policies", headers=fleet.headers)).json()["items"]
+    assert {k: detail[k] for k in listed[0]} == listed[0]
+    assert set(detail) - set(listed[0]) == {"estimate", "stored_bytes"}
+
+
+async def test_detail_of_a_policy_without_instances_estimates_nothing(
+    client: httpx.AsyncClient, session: AsyncSession, fleet: Fleet
+) -> None:
+    policy = await create_policy(session, fleet.owner)
+    detail = (await client.get(f"/backup-policies/{policy.id}", headers=fleet.headers)).json()
+    assert detail["stored_bytes"] == 0
+    est = detail["estimate"]
+    assert (est["stored_bytes"], est["monthly_cost"]) == (0, "0.0000")
+    assert est["instances"] == [] and est["locations"] == []

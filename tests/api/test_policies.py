@@ -35,6 +35,7 @@ READ_FIELDS = {
     "created_at",
     "updated_at",
 }
+DETAIL_FIELDS = {"estimate", "stored_bytes"}  # GET /backup-policies/{id} only
 
 
 def daily(hour: int = 2, **extra: Any) -> dict[str, Any]:
@@ -63,7 +64,11 @@ async def test_create_policy_uses_defaults_and_returns_full_shape(
     assert body["next_run_at"] is not None
     read = await client.get(f"/backup-policies/{body['id']}", headers=headers)
     assert read.status_code == 200
-    assert read.json() == body
+    detail = read.json()
+    # The detail is the same read, then its estimate and what it stores (test_estimates.py).
+    assert list(detail)[: len(body)] == list(body)
+    assert {key: detail[key] for key in body} == body
+    assert set(detail) - READ_FIELDS == DETAIL_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -393,8 +398,10 @@ async def test_list_items_are_exactly_the_single_reads(
         assert set(by_id) == {str(failing.id), str(weekly.id)}
         for item in listed:
             assert set(item) == READ_FIELDS
-            read = await client.get(f"/backup-policies/{item['id']}", headers=who)
-            assert read.json() == item and list(read.json()) == list(item)  # order too
+            read = (await client.get(f"/backup-policies/{item['id']}", headers=who)).json()
+            assert set(read) == READ_FIELDS | DETAIL_FIELDS
+            shown = {key: read[key] for key in item}
+            assert shown == item and list(read)[: len(item)] == list(item)  # order too
     assert by_id[str(weekly.id)]["instance_count"] == 2
     assert by_id[str(weekly.id)]["schedule_summary"] == "Weekly on Friday at 3:00 PM"
     assert by_id[str(failing.id)]["last_error_at"] == "2026-03-08T07:30:00Z"
