@@ -179,19 +179,19 @@ def _assumptions(settings: Settings, per_chain: int, unpriced: list[str]) -> lis
         "most stored: the day before a new full starts a chain.",
         "Not counted: while a new full is written, and until retention has deleted the oldest "
         "chain after it, one more full is stored for a short time.",
-        f"A full of {disks}: the instance's latest completed full of {disks}, or, when it has "
-        "none, the allocated size of those disks (a first full is often smaller: only written "
-        "blocks are stored).",
+        f"A full: the instance's latest completed full of {disks}; without one, the "
+        f"allocated size of {disks} (a first full is often smaller: only written blocks are "
+        "stored).",
         f"An incremental (one run's changes): the median of the instance's last "
-        f"{MEASURED_INCREMENTALS} completed incrementals of {disks}, or, when it has none, "
-        f"{ASSUMED_DAILY_CHANGE_PERCENT}% of the allocated size of those disks.",
+        f"{MEASURED_INCREMENTALS} completed incrementals of {disks}; without any, "
+        f"{ASSUMED_DAILY_CHANGE_PERCENT}% of the allocated size of {disks}.",
         "Monthly cost: stored bytes / 2^30 x the backup price per GB-month of the location of "
         "the instance's hypervisor, per location, then summed (as a backup's monthly_cost).",
     ]
     if unpriced:
         said.append(
-            "No backup price at " + ", ".join(unpriced) + ": its cost is null, and so is the "
-            "total (monthly_cost); the priced locations' costs are given."
+            "No backup price in location(s) " + ", ".join(unpriced) + ": their cost is null, "
+            "and so is the total monthly_cost; the priced locations' costs are given."
         )
     return said
 

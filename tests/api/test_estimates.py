@@ -155,6 +155,7 @@ async def test_estimate_of_an_instance_with_history_and_one_without_in_two_locat
     words = " ".join(est["assumptions"])
     assert "3 chain(s)" in words and "6 incremental(s)" in words
     assert "median" in words and "2%" in words and "2^30" in words
+    assert "of the boot disk" in words
     assert "No backup price" not in words
 
 
@@ -192,7 +193,8 @@ async def test_estimate_of_every_disk_weekly_with_a_location_without_price(
     assert unpriced["price_per_gb_month"] is None and unpriced["monthly_cost"] is None
     assert unpriced["stored_bytes"] == 2_405_181_680
     assert est["monthly_cost"] is None  # one location has no price
-    assert any("No backup price at unpriced" in a for a in est["assumptions"])
+    assert any("No backup price in location(s) unpriced" in a for a in est["assumptions"])
+    assert any("of every disk" in a for a in est["assumptions"])
     assert est["stored_bytes"] == 63188 * MIB + 2_405_181_680
 
 
