@@ -8,8 +8,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from arq import create_pool
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
@@ -33,6 +32,7 @@ from app.storages.router import router as storages_router
 from app.users.router import me_router, users_router
 
 API_PREFIX = "/api/v1"
+REDIS_CONNECT_TIMEOUT_S = 2
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -49,7 +49,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.sessionmaker = build_sessionmaker(owned_engine)
     owned_arq = None
     if getattr(app.state, "arq", None) is None:
-        owned_arq = await create_pool(RedisSettings.from_dsn(settings.redis_url))
+        # Connected on first use, not here: an API started while Redis is down serves, says
+        # so at /ready and answers 503 where it needs the queue, then recovers by itself.
+        owned_arq = ArqRedis.from_url(
+            settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S
+        )
         app.state.arq = owned_arq
     try:
         yield

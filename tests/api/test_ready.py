@@ -104,3 +104,21 @@ async def test_a_hung_backend_is_not_ready_within_the_probe_timeout(
     assert answer.status_code == 503
     assert answer.json()["detail"] == "Redis is unreachable (no answer within 2 s)"
     assert took < 4
+
+
+async def test_the_api_starts_while_redis_is_down_and_says_so(settings: Settings) -> None:
+    """`ibp serve` with Redis away: the API starts (no connection at startup), is alive, not
+    ready, and a request that needs the queue is a 503 problem, not a 500."""
+    app = create_app(
+        settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as client,
+    ):
+        assert (await client.get("/health")).status_code == 200
+        answer = await client.get("/ready")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["checks"]["redis"] == "unreachable: ConnectionError"
+        assert answer.json()["checks"]["postgresql"] == "ok"
