@@ -31,6 +31,7 @@ from app.scheduling.schedule import (
     local_weekday,
     schedule_summary,
 )
+from app.scheduling.sentence import backup_weekdays, clock_change_notes, schedule_sentence
 from app.scheduling.times import (
     ZoneLike,
     missed_slot_action,
@@ -38,6 +39,12 @@ from app.scheduling.times import (
     resolve_zone,
     run_on_local_date,
     slot_local_date,
+)
+from app.scheduling.upcoming import (
+    longest_gap_days,
+    next_backup_at,
+    state_after,
+    steady_state,
 )
 from app.values import Frequency, Weekday
 
@@ -60,18 +67,25 @@ __all__ = [
     "Schedule",
     "Weekday",
     "ZoneLike",
+    "backup_weekdays",
     "chains_to_delete",
+    "clock_change_notes",
     "decide",
     "format_hour",
     "is_full_day",
     "local_weekday",
+    "longest_gap_days",
     "missed_slot_action",
+    "next_backup_at",
     "next_run_at",
     "plan_backup",
     "plan_now",
     "resolve_zone",
     "run_on_local_date",
+    "schedule_sentence",
     "schedule_summary",
     "slot_local_date",
+    "state_after",
+    "steady_state",
     "why_not_incremental",
 ]
