@@ -12,10 +12,11 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import completed_chains
+from app.engine.policy_state import policy_errored, policy_recovered, refresh_next_run
 from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Instance, Restore
 from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import Decision, chains_to_delete
-from app.values import BackupStatus, BackupType, PolicyStatus
+from app.values import BackupStatus, BackupType
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
 NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
@@ -225,36 +226,23 @@ async def remove_instance_when_emptied(session: AsyncSession, instance_id: uuid.
 async def record_failure(
     session: AsyncSession, backup: Backup, message: str, now: datetime
 ) -> None:
-    """A failed backup turns its policy to Error with the reason, in the operator's words."""
+    """A failed backup turns its policy to Error with the reason, in the operator's words; the
+    policy's next run is planned again (after a failed full it takes a full, whatever the day)."""
     if backup.policy_id is None:
         return
     name = await session.scalar(select(Instance.name).where(Instance.id == backup.instance_id))
-    await session.execute(
-        update(BackupPolicy)
-        .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status != PolicyStatus.PAUSED)
-        .values(status=PolicyStatus.ERROR, last_error=f"{name}: {message}", last_error_at=now)
-    )
+    await policy_errored(session, backup.policy_id, f"{name}: {message}", now)
+    await refresh_next_run(session, backup.policy_id, now)
 
 
 async def record_success(session: AsyncSession, backup: Backup) -> None:
-    """A run whose every backup completed sets an Error policy back to Active."""
-    if backup.policy_id is None or backup.manual:
-        return
-    unfinished = await session.scalar(
-        select(func.count())
-        .select_from(Backup)
-        .where(
-            Backup.policy_id == backup.policy_id,
-            Backup.scheduled_for == backup.scheduled_for,
-            Backup.status != BackupStatus.COMPLETED,
-        )
+    """A completed backup, scheduled or "Backup now", may end its instance's policy's Error."""
+    policy_id = await session.scalar(
+        select(Instance.backup_policy_id).where(Instance.id == backup.instance_id)
     )
-    if unfinished == 0:
-        await session.execute(
-            update(BackupPolicy)
-            .where(BackupPolicy.id == backup.policy_id, BackupPolicy.status == PolicyStatus.ERROR)
-            .values(status=PolicyStatus.ACTIVE)
-        )
+    if policy_id is not None:
+        assert backup.completed_at is not None
+        await policy_recovered(session, policy_id, backup.completed_at)
 
 
 async def _fail_stale(

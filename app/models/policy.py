@@ -29,7 +29,7 @@ class BackupPolicy(IdMixin, TimestampMixin, Base):
         # The tick finds due policies through this index, never by scanning all of them.
         Index(
             "ix_backup_policies_due",
-            "next_run_at",
+            "next_check_at",
             postgresql_where="status <> 'paused'",
         ),
         # List pages (newest first) read these in order instead of sorting every policy.
@@ -48,7 +48,14 @@ class BackupPolicy(IdMixin, TimestampMixin, Base):
     status: Mapped[str] = mapped_column(String(16), default=PolicyStatus.ACTIVE)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None] = mapped_column()
+    # When the policy left Error (a later completed backup of every instance); NULL while the
+    # last error is current. A new error clears it.
+    last_error_resolved_at: Mapped[datetime | None] = mapped_column()
+    # The next run that takes a backup (what the owner is shown) ...
     next_run_at: Mapped[datetime | None] = mapped_column()
+    # ... and the next local day at the hour, when the tick looks at the policy: a day that
+    # takes nothing still advances chains and catches instances without a usable backup.
+    next_check_at: Mapped[datetime | None] = mapped_column()
     # Runs the scheduler skipped (overlap, chain full, missed during downtime): visible, not silent.
     skipped_runs: Mapped[int] = mapped_column(default=0)
     last_skip_reason: Mapped[str | None] = mapped_column(Text)

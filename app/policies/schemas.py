@@ -68,14 +68,32 @@ class PolicyRead(Schema):
     status: PolicyStatus
     schedule: PolicySchedule
     schedule_summary: str = Field(examples=["Daily at 2:00 AM"])
+    schedule_description: str = Field(
+        description="What each day takes, in the owner's zone, then what the coming year's "
+        "clock changes do to a day that takes a backup.",
+        examples=[
+            "Full every Monday at 3:00 AM; incrementals on the other days, up to 6 per chain"
+        ],
+    )
     timezone: str = Field(description="The owner's IANA time zone; the hour is local to it.")
     max_incremental_chain: int
     retention_count: int
     backup_device: BackupDevice
     instance_count: int
-    last_error: str | None
+    last_error: str | None = Field(
+        description="The most recent backup failure. Current while status is 'error'; once "
+        "resolved (last_error_resolved_at set) it is history."
+    )
     last_error_at: datetime | None
-    next_run_at: datetime | None = Field(description="Next scheduled run (UTC).")
+    last_error_resolved_at: datetime | None = Field(
+        description="When the policy left Error: the most recent backup of every attached "
+        "instance, scheduled or Backup now, had completed. Null while the error is current."
+    )
+    next_run_at: datetime | None = Field(
+        description="The next run that takes a backup (UTC): a weekly policy's days without a "
+        "backup (full-only, or the chain is full) are skipped; an instance without a usable "
+        "full makes the next day's run take one."
+    )
     skipped_runs: int = Field(description="Runs the scheduler skipped (overlap, downtime, ...).")
     last_skip_reason: str | None
     created_at: datetime

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any, TypeVarTuple
 
@@ -13,11 +13,18 @@ from pydantic_core import to_json
 from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.engine.policy_state import policy_recovered, refresh_next_run
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.instances.service import readable_instances
 from app.models import BackupPolicy, Instance, User
 from app.policies.schemas import PolicyCreate, PolicyRead, PolicySchedule, PolicyUpdate
-from app.scheduling import Schedule, next_run_at, schedule_summary
+from app.scheduling import (
+    Schedule,
+    next_backup_at,
+    next_run_at,
+    schedule_sentence,
+    schedule_summary,
+)
 from app.schemas import PageParams
 from app.values import Frequency, PolicyStatus, Weekday
 
@@ -31,7 +38,12 @@ def _now() -> datetime:
 
 
 def plan_next_run(policy: BackupPolicy, zone: str, after: datetime | None = None) -> None:
-    policy.next_run_at = next_run_at(policy.schedule, zone, after or _now())
+    """A policy without instances: the tick looks at it on the next local day at the hour, and
+    its next backup is the next run that takes one in steady state. With instances, follow
+    with `refresh_next_run`, which plans from their chains."""
+    after = after or _now()
+    policy.next_check_at = next_run_at(policy.schedule, zone, after)
+    policy.next_run_at = next_backup_at(policy.schedule, policy.max_incremental_chain, zone, after)
 
 
 _policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
@@ -70,6 +82,15 @@ def _summary(frequency: str, hour: int, day_of_week: str | None) -> str:
     return schedule_summary(Schedule(Frequency(frequency), hour, weekday))
 
 
+@lru_cache(maxsize=4096)
+def _sentence(
+    frequency: str, hour: int, day_of_week: str | None, chain: int, zone: str, today: date
+) -> str:
+    """Cached per day: the clock changes it names are those of the coming year."""
+    weekday = Weekday(day_of_week) if day_of_week is not None else None
+    return schedule_sentence(Schedule(Frequency(frequency), hour, weekday), chain, zone, today)
+
+
 def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
     """PolicyRead's fields, from the policy's columns plus timezone and instance_count.
 
@@ -83,6 +104,14 @@ def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
         "status": row["status"],
         "schedule": {"frequency": frequency, "hour": hour, "day_of_week": day_of_week},
         "schedule_summary": _summary(frequency, hour, day_of_week),
+        "schedule_description": _sentence(
+            frequency,
+            hour,
+            day_of_week,
+            row["max_incremental_chain"],
+            row["timezone"],
+            _now().date(),
+        ),
         "timezone": row["timezone"],
         "max_incremental_chain": row["max_incremental_chain"],
         "retention_count": row["retention_count"],
@@ -90,6 +119,7 @@ def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
         "instance_count": row["instance_count"],
         "last_error": row["last_error"],
         "last_error_at": row["last_error_at"],
+        "last_error_resolved_at": row["last_error_resolved_at"],
         "next_run_at": row["next_run_at"],
         "skipped_runs": row["skipped_runs"],
         "last_skip_reason": row["last_skip_reason"],
@@ -235,10 +265,12 @@ async def update_policy(
         policy.day_of_week = payload.schedule.day_of_week
         replan = True
     if payload.max_incremental_chain is not None:
+        replan = replan or payload.max_incremental_chain != policy.max_incremental_chain
         policy.max_incremental_chain = payload.max_incremental_chain
     if payload.retention_count is not None:
         policy.retention_count = payload.retention_count
     if payload.backup_device is not None:
+        replan = replan or payload.backup_device != policy.backup_device
         policy.backup_device = payload.backup_device
     if payload.status is not None and payload.status != policy.status:
         # Resuming plans from now: a paused policy never fires a burst of missed runs.
@@ -246,6 +278,7 @@ async def update_policy(
         policy.status = payload.status
     if replan:
         plan_next_run(policy, zone)
+        await refresh_next_run(session, policy.id, _now())
     policy.updated_at = _now()
     return await read_policy(session, user, policy.id)
 
@@ -261,9 +294,11 @@ async def delete_policy(session: AsyncSession, user: User, policy_id: uuid.UUID)
 
 async def replan_owner_policies(session: AsyncSession, owner: User) -> None:
     """The owner's zone changed: every policy's next run moves to the new local hour."""
+    await session.flush()
     policies = await session.scalars(select(BackupPolicy).where(BackupPolicy.owner_id == owner.id))
-    for policy in policies:
+    for policy in policies.all():
         plan_next_run(policy, owner.timezone)
+        await refresh_next_run(session, policy.id, _now())
 
 
 # --- attachments -----------------------------------------------------------------------------
@@ -318,6 +353,8 @@ async def attach_instance(
             return instance, False
         raise Conflict(ALREADY_ATTACHED)
     await session.refresh(instance)
+    # An instance without a usable full takes one on the next run, whatever the day.
+    await refresh_next_run(session, policy.id, _now())
     return instance, True
 
 
@@ -333,3 +370,6 @@ async def detach_instance(
     )
     if detached is None:
         raise NotFound("Instance is not attached to this policy")
+    # The instance that kept the policy in Error may be the one leaving.
+    await policy_recovered(session, policy.id, _now())
+    await refresh_next_run(session, policy.id, _now())

@@ -22,6 +22,7 @@ READ_FIELDS = {
     "status",
     "schedule",
     "schedule_summary",
+    "schedule_description",
     "timezone",
     "max_incremental_chain",
     "retention_count",
@@ -29,6 +30,7 @@ READ_FIELDS = {
     "instance_count",
     "last_error",
     "last_error_at",
+    "last_error_resolved_at",
     "next_run_at",
     "skipped_runs",
     "last_skip_reason",
@@ -494,3 +496,46 @@ async def test_delete_policy_detaches_instances_and_keeps_backups(
     assert row is not None
     refreshed = await session.get(Instance, instance.id)
     assert refreshed is not None
+
+
+async def test_weekly_full_only_policy_shows_its_next_backup_and_what_runs(
+    client: httpx.AsyncClient, session: AsyncSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Monday 2026-06-01 02:30 in Paris: that Monday's 1:00 AM full has passed.
+    monkeypatch.setattr(policy_service, "_now", lambda: datetime(2026, 6, 1, 0, 30, tzinfo=UTC))
+    user, headers = await user_with_headers(session, timezone="Europe/Paris")
+    weekly = {"frequency": "weekly", "hour": 1, "day_of_week": "monday"}
+    body = (
+        await client.post(
+            "/backup-policies",
+            json={"name": "Weekly", "schedule": weekly, "max_incremental_chain": 0},
+            headers=headers,
+        )
+    ).json()
+    assert body["next_run_at"] == "2026-06-07T23:00:00Z"  # next Monday 1:00 AM, not tomorrow
+    assert body["schedule_summary"] == "Weekly on Monday at 1:00 AM"
+    # Paris changes its clocks on Sundays between 2:00 and 3:00: nothing to say of Mondays.
+    assert body["schedule_description"] == (
+        "Full every Monday at 1:00 AM; no backup on the other days"
+    )
+
+    # An instance without a backup takes its first full on the next run, whatever the day.
+    instance = await create_instance(session, user)
+    attached = await client.post(
+        f"/backup-policies/{body['id']}/instances",
+        json={"instance_id": str(instance.id)},
+        headers=headers,
+    )
+    assert attached.status_code in (200, 201), attached.text
+    read = (await client.get(f"/backup-policies/{body['id']}", headers=headers)).json()
+    assert read["next_run_at"] == "2026-06-01T23:00:00Z"
+
+    # Incrementals on the other days: every day takes a backup again.
+    await create_backup(session, instance, completed_at=datetime(2026, 6, 1, tzinfo=UTC))
+    patched = await client.patch(
+        f"/backup-policies/{body['id']}", json={"max_incremental_chain": 6}, headers=headers
+    )
+    assert patched.json()["next_run_at"] == "2026-06-01T23:00:00Z"
+    assert patched.json()["schedule_description"] == (
+        "Full every Monday at 1:00 AM; incrementals on the other days, up to 6 per chain"
+    )

@@ -29,7 +29,9 @@ async def test_scheduled_backup_runs_through_the_worker_and_shows_in_the_api(
     due = datetime(2026, 7, 1, 0, tzinfo=UTC)  # 02:00 in Paris (summer time)
     async with real_sessionmaker() as session:
         await session.execute(
-            update(BackupPolicy).where(BackupPolicy.id == world.policy.id).values(next_run_at=due)
+            update(BackupPolicy)
+            .where(BackupPolicy.id == world.policy.id)
+            .values(next_run_at=due, next_check_at=due)
         )
         headers = await auth_headers(session, world.user)
         await session.commit()

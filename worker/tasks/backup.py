@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import virt
 from app.engine.chains import Busy, chain_states
 from app.engine.lifecycle import StoredFile, record_completion, record_failure
+from app.engine.policy_state import OVERLAP, RESTORE_RUNNING
 from app.engine.storage_access import backup_prefix, open_driver
 from app.engine.words import Words
 from app.metrics import BACKUPS
@@ -32,8 +33,6 @@ from app.values import BackupDevice, BackupType
 from worker.jobs import Job, JobFailed, Progress, Resources, now, until_recorded
 
 log = logging.getLogger(__name__)
-OVERLAP = "Skipped: another backup of this instance was already running"
-RESTORE_RUNNING = "A restore of this instance is in progress"
 INTERRUPTED = "The worker stopped during the backup; it was cleaned up and the next run retries"
 
 

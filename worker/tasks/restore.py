@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app import virt
 from app.engine.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, remove_tree
 from app.engine.chains import Busy
+from app.engine.policy_state import refresh_next_run
 from app.engine.storage_access import open_driver
 from app.engine.words import Words
 from app.metrics import RESTORES
@@ -234,3 +235,6 @@ async def _complete(res: Resources, work: Work, result: dict[str, str]) -> None:
                 error=None,
             )
         )
+        if work.restore.target == RestoreTarget.IN_PLACE and work.instance.backup_policy_id:
+            # The disk was rewritten: the next run takes a full, whatever the day.
+            await refresh_next_run(session, work.instance.backup_policy_id, done)

@@ -18,15 +18,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.chains import chain_states
+from app.engine.policy_state import policy_errored
 from app.models import Backup, BackupPolicy, Hypervisor, Instance, User
 from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
     Chain,
+    ChainState,
     missed_slot_action,
+    next_backup_at,
     next_run_at,
     plan_backup,
     run_on_local_date,
     slot_local_date,
+    state_after,
 )
 from app.values import BackupStatus, BackupType, InstanceStatus, PolicyStatus
 
@@ -55,12 +59,6 @@ def _skip(policy: BackupPolicy, reason: str, now: datetime, count: int = 1) -> N
     policy.last_skip_at = now
 
 
-def _fail(policy: BackupPolicy, message: str, now: datetime) -> None:
-    policy.status = PolicyStatus.ERROR
-    policy.last_error = message
-    policy.last_error_at = now
-
-
 async def _dispatch_batch(
     session: AsyncSession, now: datetime, grace: timedelta, jobs: JobQueue, result: TickResult
 ) -> int:
@@ -68,8 +66,8 @@ async def _dispatch_batch(
         await session.execute(
             select(BackupPolicy, User.timezone)
             .join(User, User.id == BackupPolicy.owner_id)
-            .where(BackupPolicy.status != PolicyStatus.PAUSED, BackupPolicy.next_run_at <= now)
-            .order_by(BackupPolicy.next_run_at)
+            .where(BackupPolicy.status != PolicyStatus.PAUSED, BackupPolicy.next_check_at <= now)
+            .order_by(BackupPolicy.next_check_at)
             .limit(BATCH)
             .with_for_update(of=BackupPolicy, skip_locked=True)
         )
@@ -102,13 +100,20 @@ async def _dispatch_batch(
     )
 
     new_backups: list[dict[str, object]] = []
+    failures: list[tuple[uuid.UUID, str]] = []
     for policy, zone in policies.values():
         result.policies += 1
-        assert policy.next_run_at is not None
+        assert policy.next_check_at is not None
         slot = _latest_run(policy, zone, now)
+        # What each instance's chain will be once this run's backups are done: the policy's
+        # next_run_at is the next run that takes a backup of one of them.
+        after: dict[uuid.UUID, ChainState | None] = {
+            i.id: chains[i.id].planning_state(policy.backup_device, storage_of[i.hypervisor_id])
+            for i in by_policy[policy.id]
+        }
         # After downtime only the newest missed run may still run (within the grace window);
         # the older ones are dropped and counted, never fired as a burst.
-        missed = len(_runs_between(policy, zone, policy.next_run_at, slot))
+        missed = len(_runs_between(policy, zone, policy.next_check_at, slot))
         runs_now = missed_slot_action(slot, now, grace) == "run"
         if not runs_now:
             missed += 1
@@ -120,11 +125,25 @@ async def _dispatch_batch(
             for instance in by_policy[policy.id]:
                 chain, storage = chains[instance.id], storage_of[instance.hypervisor_id]
                 row = _plan_instance(policy, instance, chain, storage, slot, slot_date, now)
+                if row is None:
+                    if instance.status == InstanceStatus.DEPLOYED:
+                        result.skipped += 1
+                elif row["status"] == BackupStatus.FAILED:
+                    failures.append((policy.id, f"{instance.name}: {row['error']}"))
+                else:
+                    chain_length = policy.max_incremental_chain
+                    after[instance.id] = state_after(
+                        policy.schedule, chain_length, after[instance.id], slot, zone
+                    )
                 if row is not None:
                     new_backups.append(row)
-                elif instance.status == InstanceStatus.DEPLOYED:
-                    result.skipped += 1
-        policy.next_run_at = next_run_at(policy.schedule, zone, now)
+        policy.next_check_at = next_run_at(policy.schedule, zone, now)
+        policy.next_run_at = next_backup_at(
+            policy.schedule, policy.max_incremental_chain, zone, now, after.values()
+        )
+    await session.flush()
+    for policy_id, message in failures:
+        await policy_errored(session, policy_id, message, now)
 
     if new_backups:
         # One compiled statement, many parameter sets (insertmanyvalues): cheap at 1,000 rows.
@@ -181,7 +200,6 @@ def _plan_instance(
     }
     if instance.status != InstanceStatus.DEPLOYED:
         message = f"Instance is {instance.status}"
-        _fail(policy, f"{instance.name}: {message}", now)
         failed = {"type": BackupType.FULL, "status": BackupStatus.FAILED, "error": message}
         return {**base, **failed, "completed_at": now}
     if chain.busy:

@@ -1,0 +1,188 @@
+"""What a policy shows: the next run that takes a backup, Error and its recovery."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from app.engine.lifecycle import record_failure
+from app.engine.policy_state import OVERLAP
+from app.models import Backup, BackupPolicy
+from tests.factories import create_backup, create_instance, create_policy, create_user
+from tests.worker.standin import complete_pending
+from worker.tasks.tick import run_tick
+
+GRACE = timedelta(hours=6)
+# Monday 2026-06-01, 1:00 AM in Paris (summer time) is 23:00 UTC on the Sunday.
+MONDAY_RUN = datetime(2026, 5, 31, 23, tzinfo=UTC)
+
+
+@pytest.fixture
+def sessionmaker(committed_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(committed_engine, expire_on_commit=False, autoflush=False)
+
+
+@pytest.fixture
+async def session(sessionmaker: async_sessionmaker[AsyncSession]):  # type: ignore[no-untyped-def]
+    async with sessionmaker() as s:
+        yield s
+
+
+async def _weekly_full_only(session: AsyncSession, instances: int = 1):  # type: ignore[no-untyped-def]
+    owner = await create_user(session, timezone="Europe/Paris")
+    policy = await create_policy(
+        session,
+        owner,
+        frequency="weekly",
+        day_of_week="monday",
+        hour=1,
+        max_incremental_chain=0,
+        next_run_at=MONDAY_RUN,
+    )
+    made = []
+    for n in range(instances):
+        instance = await create_instance(session, owner, name=f"vm-{n}")
+        instance.backup_policy_id = policy.id
+        made.append(instance)
+    await session.commit()
+    return policy, made
+
+
+async def test_weekly_full_only_shows_next_monday_after_its_run_not_tomorrow(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, _ = await _weekly_full_only(session)
+    tick = await run_tick(sessionmaker, None, MONDAY_RUN, GRACE)
+    assert len(tick.dispatched) == 1
+    await session.refresh(policy)
+    assert policy.next_run_at == datetime(2026, 6, 7, 23, tzinfo=UTC)  # next Monday 1:00 AM
+    assert policy.next_check_at == datetime(2026, 6, 1, 23, tzinfo=UTC)  # the tick looks daily
+    await complete_pending(sessionmaker, MONDAY_RUN + timedelta(minutes=5))
+
+    # Tuesday's tick takes nothing and still shows Monday.
+    tuesday = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 23, tzinfo=UTC), GRACE)
+    assert tuesday.policies == 1 and not tuesday.dispatched
+    await session.refresh(policy)
+    assert policy.next_run_at == datetime(2026, 6, 7, 23, tzinfo=UTC)
+
+
+async def test_a_failed_full_makes_the_next_run_tomorrow(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, _ = await _weekly_full_only(session)
+    await run_tick(sessionmaker, None, MONDAY_RUN, GRACE)
+    failed_at = MONDAY_RUN + timedelta(minutes=10)
+    async with sessionmaker() as s:
+        backup = (
+            await s.scalars(
+                update(Backup)
+                .values(status="failed", error="disk locked", completed_at=failed_at)
+                .returning(Backup)
+            )
+        ).one()
+        await record_failure(s, backup, "disk locked", failed_at)
+        await s.commit()
+    await session.refresh(policy)
+    assert policy.status == "error" and policy.last_error == "vm-0: disk locked"
+    assert policy.next_run_at == datetime(2026, 6, 1, 23, tzinfo=UTC)  # Tuesday: a full again
+    # ... which the Tuesday tick takes.
+    tuesday = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 23, tzinfo=UTC), GRACE)
+    assert len(tuesday.dispatched) == 1
+
+
+async def test_error_policy_recovers_when_backup_now_completes_and_keeps_the_error_as_history(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, (instance,) = await _weekly_full_only(session)
+    failed_at = datetime(2026, 6, 1, 0, tzinfo=UTC)
+    failed = await create_backup(
+        session, instance, status="failed", error="Instance is stopped", created_at=failed_at
+    )
+    await record_failure(session, failed, "Instance is stopped", failed_at)
+    await session.commit()
+    await session.refresh(policy)
+    assert policy.status == "error" and policy.last_error_resolved_at is None
+
+    # The customer starts the VM and clicks Backup now.
+    clicked = failed_at + timedelta(hours=9)
+    await create_backup(
+        session,
+        instance,
+        status="pending",
+        manual=True,
+        scheduled_for=clicked,
+        created_at=clicked,
+        completed_at=None,
+    )
+    await session.commit()
+    await complete_pending(sessionmaker, clicked + timedelta(minutes=3))
+    await session.refresh(policy)
+    assert policy.status == "active"
+    assert policy.last_error == "vm-0: Instance is stopped"  # kept, as the last error
+    assert policy.last_error_resolved_at == clicked + timedelta(minutes=3)
+
+    # A new failure makes the error current again.
+    again = clicked + timedelta(days=1)
+    failed = await create_backup(session, instance, status="failed", error="x", created_at=again)
+    await record_failure(session, failed, "x", again)
+    await session.commit()
+    await session.refresh(policy)
+    assert policy.status == "error" and policy.last_error_resolved_at is None
+
+
+async def test_error_stays_while_another_instances_most_recent_backup_failed(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, (good, bad) = await _weekly_full_only(session, instances=2)
+    at = datetime(2026, 6, 1, 0, tzinfo=UTC)
+    failed = await create_backup(session, bad, status="failed", error="boom", created_at=at)
+    await record_failure(session, failed, "boom", at)
+    later = at + timedelta(hours=1)
+    await create_backup(session, good, status="pending", manual=True, created_at=later)
+    await session.commit()
+    await complete_pending(sessionmaker, later)
+    await session.refresh(policy)
+    assert policy.status == "error"
+
+    # bad's Backup now completes: every instance's most recent backup has completed.
+    await create_backup(session, bad, status="pending", manual=True, created_at=later)
+    await session.commit()
+    await complete_pending(sessionmaker, later + timedelta(minutes=5))
+    await session.refresh(policy)
+    assert policy.status == "active"
+
+
+async def test_a_backup_refused_for_overlap_does_not_hold_the_policy_in_error(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, (instance,) = await _weekly_full_only(session)
+    at = datetime(2026, 6, 1, 0, tzinfo=UTC)
+    failed = await create_backup(session, instance, status="failed", error="boom", created_at=at)
+    await record_failure(session, failed, "boom", at)
+    clicked = at + timedelta(seconds=30)
+    await create_backup(session, instance, status="pending", manual=True, created_at=clicked)
+    # A scheduled run queued meanwhile was refused: newer, but it says nothing of the VM.
+    await create_backup(
+        session, instance, status="failed", error=OVERLAP, created_at=at + timedelta(minutes=1)
+    )
+    await session.commit()
+    await complete_pending(sessionmaker, at + timedelta(minutes=5))
+    assert (
+        await session.scalar(select(BackupPolicy.status).where(BackupPolicy.id == policy.id))
+    ) == ("active")
+
+
+async def test_paused_policy_does_not_turn_to_error(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    policy, (instance,) = await _weekly_full_only(session)
+    policy.status = "paused"
+    at = datetime(2026, 6, 1, 0, tzinfo=UTC)
+    failed = await create_backup(session, instance, status="failed", error="boom", created_at=at)
+    await record_failure(session, failed, "boom", at)
+    await session.commit()
+    await session.refresh(policy)
+    assert policy.status == "paused" and policy.last_error is None
