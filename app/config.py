@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     # Scheduler knobs: how late a missed run may still run, when a silent job is lost.
     catch_up_grace_hours: float = Field(default=6.0, ge=0)
+    # Added to a policy's longest gap between backups before an instance is at risk.
+    rpo_grace_hours: float = Field(default=6.0, ge=0)
     stale_backup_minutes: float = Field(default=15.0, gt=0)
     # > 0: the tick re-verifies each instance's newest chain when its last check is older.
     verify_interval_hours: float = Field(default=0.0, ge=0)

@@ -79,6 +79,14 @@ class InstanceStatus(StrEnum):
     ERROR = "error"
 
 
+class Protection(StrEnum):
+    """An instance's backups against its policy's expected interval (recovery-point objective)."""
+
+    PROTECTED = "protected"  # the last good backup is within the expected interval
+    AT_RISK = "at_risk"  # it is older than that
+    UNPROTECTED = "unprotected"  # there is none
+
+
 class StorageKind(StrEnum):
     LOCAL = "local"
     NFS = "nfs"

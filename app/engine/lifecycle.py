@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import completed_chains
 from app.engine.policy_state import policy_errored, policy_recovered, refresh_next_run
+from app.engine.protection import evaluate_protection
 from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Instance, Restore
 from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import Decision, chains_to_delete
@@ -236,12 +237,14 @@ async def record_failure(
 
 
 async def record_success(session: AsyncSession, backup: Backup) -> None:
-    """A completed backup, scheduled or "Backup now", may end its instance's policy's Error."""
+    """A completed backup, scheduled or "Backup now", is the instance's new recovery point and
+    may end its policy's Error."""
+    assert backup.completed_at is not None
+    await evaluate_protection(session, backup.completed_at, instance_ids=[backup.instance_id])
     policy_id = await session.scalar(
         select(Instance.backup_policy_id).where(Instance.id == backup.instance_id)
     )
     if policy_id is not None:
-        assert backup.completed_at is not None
         await policy_recovered(session, policy_id, backup.completed_at)
 
 

@@ -17,7 +17,7 @@ from app.instances.schemas import (
 )
 from app.problems import problem_responses
 from app.schemas import Page, PageDep, page_of
-from app.values import InstanceStatus
+from app.values import InstanceStatus, Protection
 
 router = APIRouter(
     route_class=TokenFirstRoute,
@@ -34,10 +34,13 @@ async def list_all(
     page: PageDep,
     owner_id: Annotated[uuid.UUID | None, Query(description="Only this owner's (admins).")] = None,
     status: Annotated[InstanceStatus | None, Query()] = None,
+    protection: Annotated[
+        Protection | None,
+        Query(description="Only instances in this state against their policy's interval."),
+    ] = None,
 ) -> Page[InstanceRead]:
-    return await page_of(
-        session, service.list_statement(user, owner_id, status), page, InstanceRead.model_validate
-    )
+    stmt = service.list_statement(user, owner_id, status, protection)
+    return await page_of(session, stmt, page, InstanceRead.model_validate)
 
 
 @router.post(

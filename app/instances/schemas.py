@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, field_validator
 
 from app.schemas import Name, RequestBody, Schema
-from app.values import BackupStatus, InstanceStatus
+from app.values import BackupStatus, InstanceStatus, Protection
 
 
 # In requests and in reads: a RequestBody, so that its fields are strict.
@@ -37,6 +37,15 @@ class InstanceRead(Schema):
     status: str
     disks: list[DiskSpec]
     backup_policy_id: uuid.UUID | None
+    last_good_backup_at: datetime | None = Field(
+        description="When its newest completed backup (any kind, files present) completed."
+    )
+    protection: Protection | None = Field(
+        description="Against its policy's expected interval: 'protected', 'at_risk' (the last "
+        "good backup is older than that) or 'unprotected' (none). Null without a policy. "
+        "Evaluated by the scheduler every minute and when a backup completes."
+    )
+    protection_since: datetime | None = Field(description="Since when it is in that state.")
     created_at: datetime
     updated_at: datetime
 

@@ -28,12 +28,16 @@ def readable_instances(user: User) -> Select[Instance]:
     return stmt
 
 
-def list_statement(user: User, owner_id: uuid.UUID | None, status: str | None) -> Select[Instance]:
+def list_statement(
+    user: User, owner_id: uuid.UUID | None, status: str | None, protection: str | None = None
+) -> Select[Instance]:
     stmt = readable_instances(user).options(selectinload(Instance.disks))
     if owner_id is not None:
         stmt = stmt.where(Instance.owner_id == owner_id)
     if status is not None:
         stmt = stmt.where(Instance.status == status)
+    if protection is not None:
+        stmt = stmt.where(Instance.protection == protection)
     return stmt.order_by(Instance.created_at, Instance.id)
 
 

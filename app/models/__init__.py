@@ -2,7 +2,14 @@
 
 from app.models.backup import Backup, BackupChain, BackupFile
 from app.models.base import Base
-from app.models.inventory import BackupStorage, Hypervisor, Instance, InstanceDisk, Location
+from app.models.inventory import (
+    BackupStorage,
+    Hypervisor,
+    Instance,
+    InstanceDisk,
+    Location,
+    ProtectionChange,
+)
 from app.models.policy import BackupPolicy
 from app.models.restore import Restore
 from app.models.user import ApiToken, User
@@ -20,6 +27,7 @@ __all__ = [
     "Instance",
     "InstanceDisk",
     "Location",
+    "ProtectionChange",
     "Restore",
     "User",
     "Worker",

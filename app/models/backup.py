@@ -47,6 +47,13 @@ class Backup(IdMixin, Base):
         Index("ix_backups_instance_created", "instance_id", "created_at", "id"),
         Index("ix_backups_policy_created", "policy_id", "created_at", "id"),
         Index("ix_backups_chain_id", "chain_id"),
+        # An instance's newest completed backup (its recovery point), read every tick.
+        Index(
+            "ix_backups_instance_completed",
+            "instance_id",
+            "completed_at",
+            postgresql_where="status = 'completed'",
+        ),
         Index(
             "ix_backups_active",
             "status",

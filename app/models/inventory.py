@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.models.base import Base, IdMixin, TimestampMixin
-from app.values import InstanceStatus, StorageKind, StorageStatus, one_of
+from app.values import InstanceStatus, Protection, StorageKind, StorageStatus, one_of
 
 
 class Location(IdMixin, TimestampMixin, Base):
@@ -67,6 +67,10 @@ class Instance(IdMixin, TimestampMixin, Base):
     __table_args__ = (
         UniqueConstraint("hypervisor_id", "domain_name", name="uq_instances_hypervisor_domain"),
         Index("ix_instances_created", "created_at", "id"),
+        CheckConstraint(
+            f"protection IS NULL OR {one_of('protection', Protection)}", name="protection"
+        ),
+        Index("ix_instances_protection", "protection", postgresql_where="protection IS NOT NULL"),
     )
 
     name: Mapped[str] = mapped_column(String(200))
@@ -81,6 +85,12 @@ class Instance(IdMixin, TimestampMixin, Base):
     # Deleted with its backups: hidden from the API, the row goes once the deletion jobs have
     # removed the last backup's files (remove_instance_when_emptied in app/engine/lifecycle.py).
     deleting_at: Mapped[datetime | None] = mapped_column()
+    # The recovery point, as the scheduler last evaluated it (app/engine/protection.py): the
+    # newest completed backup, and the state against the policy's expected interval (NULL
+    # without a policy), since when.
+    last_good_backup_at: Mapped[datetime | None] = mapped_column()
+    protection: Mapped[str | None] = mapped_column(String(16))
+    protection_since: Mapped[datetime | None] = mapped_column()
 
     disks: Mapped[list[InstanceDisk]] = relationship(
         lazy="raise", cascade="all, delete-orphan", order_by="InstanceDisk.target"
@@ -95,3 +105,25 @@ class InstanceDisk(IdMixin, Base):
     target: Mapped[str] = mapped_column(String(32))
     boot: Mapped[bool] = mapped_column(default=False)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ProtectionChange(IdMixin, Base):
+    """One change of an instance's protection state, as the scheduler found it."""
+
+    __tablename__ = "protection_changes"
+    __table_args__ = (
+        CheckConstraint(
+            f"from_state IS NULL OR {one_of('from_state', Protection)}", name="from_state"
+        ),
+        CheckConstraint(f"to_state IS NULL OR {one_of('to_state', Protection)}", name="to_state"),
+        Index("ix_protection_changes_instance_changed", "instance_id", "changed_at"),
+    )
+
+    instance_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"))
+    policy_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("backup_policies.id", ondelete="SET NULL")
+    )
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    last_good_backup_at: Mapped[datetime | None] = mapped_column()
+    changed_at: Mapped[datetime] = mapped_column()

@@ -80,6 +80,15 @@ class PolicyRead(Schema):
     retention_count: int
     backup_device: BackupDevice
     instance_count: int
+    at_risk_count: int = Field(
+        description="Attached instances whose last good backup is older than expected."
+    )
+    unprotected_count: int = Field(description="Attached instances without any good backup.")
+    expected_backup_interval_hours: float = Field(
+        description="How old an instance's last good backup may be before it is at risk: the "
+        "longest gap between two runs that take a backup (24 h daily, 168 h weekly full-only) "
+        "plus IBP_RPO_GRACE_HOURS."
+    )
     last_error: str | None = Field(
         description="The most recent backup failure. Current while status is 'error'; once "
         "resolved (last_error_resolved_at set) it is history."

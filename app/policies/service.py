@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any, TypeVarTuple
 
@@ -14,6 +14,7 @@ from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.policy_state import policy_recovered, refresh_next_run
+from app.engine.protection import expected_interval, rpo_grace
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.instances.service import readable_instances
 from app.models import BackupPolicy, Instance, User
@@ -26,7 +27,7 @@ from app.scheduling import (
     schedule_summary,
 )
 from app.schemas import PageParams
-from app.values import Frequency, PolicyStatus, Weekday
+from app.values import Frequency, PolicyStatus, Protection, Weekday
 
 Ts = TypeVarTuple("Ts")
 
@@ -47,12 +48,24 @@ def plan_next_run(policy: BackupPolicy, zone: str, after: datetime | None = None
 
 
 _policies, _users, _instances = BackupPolicy.__table__, User.__table__, Instance.__table__
-_instance_count = (
-    select(func.count())
-    .where(_instances.c.backup_policy_id == _policies.c.id)
-    .correlate(_policies)
-    .scalar_subquery()
-    .label("instance_count")
+
+
+def _attached_count(label: str, *where: Any) -> Any:
+    return (
+        select(func.count())
+        .where(_instances.c.backup_policy_id == _policies.c.id, *where)
+        .correlate(_policies)
+        .scalar_subquery()
+        .label(label)
+    )
+
+
+_instance_count = _attached_count("instance_count")
+# Instances at risk or unprotected against the policy's expected interval (ix_instances_protection).
+_COUNTS = (
+    _instance_count,
+    _attached_count("at_risk_count", _instances.c.protection == Protection.AT_RISK),
+    _attached_count("unprotected_count", _instances.c.protection == Protection.UNPROTECTED),
 )
 
 
@@ -73,6 +86,10 @@ def readable_policies(user: User | _Reader, stmt: Select[*Ts]) -> Select[*Ts]:
 _POLICY_ROWS = select(BackupPolicy, User.timezone, _instance_count).join(
     User, User.id == BackupPolicy.owner_id
 )
+# ... and what a read shows besides.
+_READ_ROWS = select(BackupPolicy, User.timezone, *_COUNTS).join(
+    User, User.id == BackupPolicy.owner_id
+)
 
 
 @lru_cache(maxsize=1024)
@@ -89,6 +106,12 @@ def _sentence(
     """Cached per day: the clock changes it names are those of the coming year."""
     weekday = Weekday(day_of_week) if day_of_week is not None else None
     return schedule_sentence(Schedule(Frequency(frequency), hour, weekday), chain, zone, today)
+
+
+def _interval_hours(frequency: str, hour: int, day_of_week: str | None, chain: int) -> float:
+    weekday = Weekday(day_of_week) if day_of_week is not None else None
+    schedule = Schedule(Frequency(frequency), hour, weekday)
+    return expected_interval(schedule, chain, rpo_grace()) / timedelta(hours=1)
 
 
 def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
@@ -117,6 +140,11 @@ def _read_fields(row: Mapping[Any, Any]) -> dict[str, Any]:
         "retention_count": row["retention_count"],
         "backup_device": row["backup_device"],
         "instance_count": row["instance_count"],
+        "at_risk_count": row["at_risk_count"],
+        "unprotected_count": row["unprotected_count"],
+        "expected_backup_interval_hours": _interval_hours(
+            frequency, hour, day_of_week, row["max_incremental_chain"]
+        ),
         "last_error": row["last_error"],
         "last_error_at": row["last_error_at"],
         "last_error_resolved_at": row["last_error_resolved_at"],
@@ -152,7 +180,7 @@ def _list_statements(admin: bool, by_owner: bool, by_status: bool) -> tuple[Sele
         filters.append(_policies.c.status == bindparam("status"))
     count = readable_policies(reader, select(func.count()).select_from(_policies)).where(*filters)
     rows = (
-        readable_policies(reader, select(*_READ_COLUMNS, _users.c.timezone, _instance_count))
+        readable_policies(reader, select(*_READ_COLUMNS, _users.c.timezone, *_COUNTS))
         .join_from(_policies, _users, _users.c.id == _policies.c.owner_id)
         .where(*filters)
         .add_columns(count.scalar_subquery().label("total"))
@@ -193,9 +221,10 @@ async def list_policies_json(
     return to_json({"items": items, "total": total, "limit": page.limit, "offset": page.offset})
 
 
-def to_read(policy: BackupPolicy, zone: str, instance_count: int) -> PolicyRead:
+def to_read(policy: BackupPolicy, zone: str, *counts: int) -> PolicyRead:
+    """`counts`: instance_count, at_risk_count, unprotected_count."""
     values = {c.key: getattr(policy, c.key) for c in _READ_COLUMNS}
-    values |= {"timezone": zone, "instance_count": instance_count}
+    values |= {"timezone": zone} | dict(zip([c.name for c in _COUNTS], counts, strict=True))
     return PolicyRead(**_read_fields(values))
 
 
@@ -218,7 +247,14 @@ async def get_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) ->
 
 async def read_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) -> PolicyRead:
     await session.flush()
-    return to_read(*await get_policy_row(session, user, policy_id))
+    row = (
+        await session.execute(
+            readable_policies(user, _READ_ROWS).where(BackupPolicy.id == policy_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFound("Backup policy not found")
+    return to_read(*row)
 
 
 async def create_policy(session: AsyncSession, user: User, payload: PolicyCreate) -> PolicyRead:

@@ -11,6 +11,7 @@ from app.engine.lifecycle import (
     record_failure,
     redispatch_lost_jobs,
 )
+from app.engine.protection import evaluate_protection
 from app.engine.verification import due_for_verification
 from app.engine.workers import fail_unattended
 from app.metrics import TICK_DISPATCHED, TICK_REAPED, TICK_SECONDS, TICK_SKIPPED
@@ -44,6 +45,8 @@ async def tick(ctx: JobContext) -> str:
         TICK_REAPED.labels(kind=kind).inc(count)
     await lost.flush(res.redis)
     result = await run_tick(res.sessionmaker, res.redis, now, grace)
+    async with res.session() as session:
+        changes = await evaluate_protection(session, now, timedelta(hours=settings.rpo_grace_hours))
     TICK_DISPATCHED.inc(len(result.dispatched))
     TICK_SKIPPED.inc(result.skipped)
     verifies = await schedule_verifications(res, now)
@@ -51,7 +54,7 @@ async def tick(ctx: JobContext) -> str:
     return (
         f"policies={result.policies} dispatched={len(result.dispatched)} "
         f"skipped={result.skipped} reaped={sum(reaped.values())} resent={resent} "
-        f"verifies={verifies}"
+        f"verifies={verifies} protection_changes={len(changes)}"
     )
 
 
