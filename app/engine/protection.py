@@ -75,8 +75,11 @@ async def evaluate_protection(
     instance_ids: Collection[uuid.UUID] | None = None,
 ) -> list[Change]:
     """Evaluate every instance (or those given) at `now`; store what changed and return the
-    changes of state. Rows are locked, skipping any another transaction holds (a job working
-    on it evaluates it again when it completes; the next tick does otherwise)."""
+    changes of state.
+
+    Nothing is locked while reading (a tick reads every instance); each write is conditional on
+    the state it was computed from, so of two evaluations racing (the tick and a completion)
+    only one records a given change, and the loser's instance is evaluated again next tick."""
     grace = rpo_grace() if grace is None else grace
     stmt = (
         select(
@@ -92,7 +95,6 @@ async def evaluate_protection(
         )
         .outerjoin(BackupPolicy, BackupPolicy.id == Instance.backup_policy_id)
         .where(Instance.deleting_at.is_(None))
-        .with_for_update(of=Instance, skip_locked=True)
     )
     if instance_ids is not None:
         stmt = stmt.where(Instance.id.in_(list(instance_ids)))
@@ -109,8 +111,17 @@ async def evaluate_protection(
         values: dict[str, object] = {"last_good_backup_at": row.good}
         if state != row.protection:
             values |= {"protection": state, "protection_since": now if state else None}
-        await session.execute(update(Instance).where(Instance.id == row.id).values(**values))
-        if state != row.protection:
+        written = await session.scalar(
+            update(Instance)
+            .where(
+                Instance.id == row.id,
+                Instance.protection.is_not_distinct_from(row.protection),
+                Instance.last_good_backup_at.is_not_distinct_from(row.last_good_backup_at),
+            )
+            .values(**values)
+            .returning(Instance.id)
+        )
+        if written is not None and state != row.protection:
             change = Change(row.id, row.backup_policy_id, row.protection, state, row.good)
             await protection_changed(session, change, now)
             changes.append(change)

@@ -10,9 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.engine.lifecycle import record_failure
 from app.engine.policy_state import OVERLAP
-from app.models import Backup, BackupPolicy
+from app.models import Backup, BackupPolicy, ProtectionChange
 from tests.factories import create_backup, create_instance, create_policy, create_user
 from tests.worker.standin import complete_pending
+from worker.jobs import JobContext
+from worker.tasks.control import tick
 from worker.tasks.tick import run_tick
 
 GRACE = timedelta(hours=6)
@@ -186,3 +188,25 @@ async def test_paused_policy_does_not_turn_to_error(
     await session.commit()
     await session.refresh(policy)
     assert policy.status == "paused" and policy.last_error is None
+
+
+async def test_the_minute_tick_evaluates_protection_and_records_each_change_once(
+    worker_ctx: JobContext, sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    owner = await create_user(session)
+    policy = await create_policy(session, owner)  # daily: at risk after 30 hours
+    stale = await create_instance(session, owner, backup_policy_id=policy.id)
+    await create_backup(session, stale, completed_at=datetime.now(UTC) - timedelta(days=2))
+    await session.commit()
+
+    result = await tick(worker_ctx)
+    assert "protection_changes=1" in result
+    await session.refresh(stale)
+    assert stale.protection == "at_risk"
+    assert (await tick(worker_ctx)).endswith("protection_changes=0")
+    changes = (
+        await session.scalars(
+            select(ProtectionChange.to_state).where(ProtectionChange.instance_id == stale.id)
+        )
+    ).all()
+    assert changes == ["at_risk"]
