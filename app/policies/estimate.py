@@ -23,7 +23,7 @@ from app.policies.schemas import (
     PolicyDetail,
     PolicyEstimate,
 )
-from app.policies.service import attached_instances, get_policy_row, to_read
+from app.policies.service import attached_instances, get_policy, read_policy
 from app.scheduling import Schedule
 from app.scheduling.footprint import (
     ASSUMED_DAILY_CHANGE_PERCENT,
@@ -67,8 +67,8 @@ async def estimate(session: AsyncSession, user: User, payload: EstimateRequest) 
 
 async def policy_detail(session: AsyncSession, user: User, policy_id: uuid.UUID) -> PolicyDetail:
     """The policy, the estimate of its attached instances and what they store under it today."""
-    await session.flush()
-    policy, zone, instance_count = await get_policy_row(session, user, policy_id)
+    read = await read_policy(session, user, policy_id)
+    policy = await get_policy(session, user, policy_id)
     ids = list(await session.scalars(attached_instances(policy).with_only_columns(Instance.id)))
     settings = Settings(
         policy.schedule,
@@ -77,7 +77,7 @@ async def policy_detail(session: AsyncSession, user: User, policy_id: uuid.UUID)
         BackupDevice(policy.backup_device),
     )
     return PolicyDetail(
-        **to_read(policy, zone, instance_count).model_dump(),
+        **read.model_dump(),
         estimate=await estimate_for(session, settings, ids),
         stored_bytes=await stored_today(session, policy),
     )
