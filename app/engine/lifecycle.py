@@ -224,6 +224,18 @@ async def remove_instance_when_emptied(session: AsyncSession, instance_id: uuid.
     return True
 
 
+async def remove_emptied_instances(session: AsyncSession) -> list[uuid.UUID]:
+    """The tick's sweep: an instance deleted with its backups whose last deletion job removed
+    its backup but died before removing the instance (worker killed between the two commits)."""
+    emptied = await session.scalars(
+        select(Instance.id).where(
+            Instance.deleting_at.is_not(None),
+            ~select(Backup.id).where(Backup.instance_id == Instance.id).exists(),
+        )
+    )
+    return [i for i in list(emptied) if await remove_instance_when_emptied(session, i)]
+
+
 async def record_failure(
     session: AsyncSession, backup: Backup, message: str, now: datetime
 ) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.lifecycle import redispatch_lost_jobs
 from app.engine.workers import register
+from app.models import Instance
 from app.queues import CONTROL_QUEUE, JobQueue, enqueue_backup, hypervisor_queue
 from tests.factories import create_backup, create_instance, create_restore, create_user
 from worker.jobs import JobContext
@@ -108,3 +109,26 @@ async def test_the_minute_tick_resends_lost_jobs(
     assert [j.job_id for j in await arq_redis.queued_jobs(queue_name=queue)] == [
         f"backup:{lost.id}"
     ]
+
+
+async def test_the_minute_tick_removes_an_instance_its_last_deletion_job_left(
+    worker_ctx: JobContext,
+    real_sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """Deleted with its backups; the last deletion job removed the backup and was killed
+    before removing the instance. The tick finishes it; an instance still deleting a backup,
+    and one not being deleted, stay."""
+    async with real_sessionmaker() as session:
+        owner = await create_user(session)
+        emptied = await create_instance(session, owner, deleting_at=datetime.now(UTC))
+        busy = await create_instance(session, owner, deleting_at=datetime.now(UTC))
+        await create_backup(session, busy, status="deleting")
+        kept = await create_instance(session, owner)
+        await session.commit()
+
+    await tick(worker_ctx)
+
+    async with real_sessionmaker() as session:
+        assert await session.get(Instance, emptied.id) is None
+        assert await session.get(Instance, busy.id) is not None
+        assert await session.get(Instance, kept.id) is not None

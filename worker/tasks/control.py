@@ -10,6 +10,7 @@ from app.engine.lifecycle import (
     reap_stale_restores,
     record_failure,
     redispatch_lost_jobs,
+    remove_emptied_instances,
 )
 from app.engine.protection import evaluate_protection
 from app.engine.verification import due_for_verification
@@ -41,6 +42,7 @@ async def tick(ctx: JobContext) -> str:
                 reaped["restore"] += 1
         lost = JobQueue()
         resent = await redispatch_lost_jobs(session, lost, now)
+        await remove_emptied_instances(session)
     for kind, count in reaped.items():  # committed: counted
         TICK_REAPED.labels(kind=kind).inc(count)
     await lost.flush(res.redis)
