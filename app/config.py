@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # point a storage, and its probe writes, at any directory). Empty: `<data_dir>/backups`,
     # where `ibp setup-local` puts local backups.
     storage_roots: list[str] = Field(default_factory=list)
+    # Webhooks may be sent to loopback, private and link-local addresses (tests, a lab);
+    # otherwise only to public ones, checked at registration and before every attempt.
+    webhooks_allow_private: bool = False
     # When set, GET /metrics answers only `Authorization: Bearer <this>`.
     metrics_token: str | None = None
 

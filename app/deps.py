@@ -10,7 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.queues import JobQueue
+from app.engine.webhooks.events import emitted
+from app.queues import JobQueue, enqueue_webhook_delivery
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -28,6 +29,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             stack.push_async_callback(session.close)
         yield session
         await session.commit()
+        if emitted(session):
+            enqueue_webhook_delivery(queue)
     await queue.flush(request.app.state.arq)
 
 

@@ -30,6 +30,7 @@ from app.problems import PROBLEM_MEDIA_TYPE, install_error_handlers
 from app.restores.router import router as restores_router
 from app.storages.router import router as storages_router
 from app.users.router import me_router, users_router
+from app.webhooks.router import router as webhooks_router
 
 API_PREFIX = "/api/v1"
 REDIS_CONNECT_TIMEOUT_S = 2
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         policies_router,
         backups_router,
         restores_router,
+        webhooks_router,
         health_router,
     ):
         app.include_router(router, prefix=API_PREFIX)

@@ -30,6 +30,7 @@ class Job:
     # such rows again (app.engine.lifecycle.redispatch_lost_jobs): losing this enqueue only
     # delays the work.
     redispatched: bool = False
+    defer_s: float | None = None  # run no sooner than this many seconds from now
 
 
 @dataclass
@@ -45,8 +46,9 @@ class JobQueue:
         queue_name: str,
         job_id: str | None = None,
         redispatched: bool = False,
+        defer_s: float | None = None,
     ) -> None:
-        self.jobs.append(Job(function, args, job_id, queue_name, redispatched))
+        self.jobs.append(Job(function, args, job_id, queue_name, redispatched, defer_s))
 
     async def flush(self, redis: ArqRedis | None) -> None:
         """Enqueue everything; a job the tick sends again may fail to enqueue (logged), others
@@ -60,7 +62,11 @@ class JobQueue:
             outcomes = await asyncio.gather(
                 *(
                     redis.enqueue_job(
-                        job.function, *job.args, _job_id=job.job_id, _queue_name=job.queue_name
+                        job.function,
+                        *job.args,
+                        _job_id=job.job_id,
+                        _queue_name=job.queue_name,
+                        _defer_by=job.defer_s,
                     )
                     for job in batch
                 ),
@@ -137,3 +143,10 @@ def enqueue_storage_check(jobs: JobQueue, storage_id: uuid.UUID, hypervisor_id: 
         queue_name=hypervisor_queue(hypervisor_id),
         job_id=f"check:{storage_id}",
     )
+
+
+def enqueue_webhook_delivery(jobs: JobQueue, defer_s: float | None = None) -> None:
+    """Send the webhook deliveries that are due. No fixed id: each run claims what is due at
+    its start, so a run queued while another runs still sends what was written since. Lost,
+    it only delays them: the tick queues a run while deliveries are due."""
+    jobs.add("deliver_webhooks", queue_name=CONTROL_QUEUE, redispatched=True, defer_s=defer_s)

@@ -112,6 +112,28 @@ class TokenKind(StrEnum):
     PERSONAL = "personal"
 
 
+class WebhookEvent(StrEnum):
+    """What an endpoint may subscribe to (`webhook.test` is sent only on request)."""
+
+    BACKUP_COMPLETED = "backup.completed"
+    BACKUP_FAILED = "backup.failed"
+    POLICY_ERROR = "policy.error"
+    POLICY_RECOVERED = "policy.recovered"
+    PROTECTION_AT_RISK = "protection.at_risk"
+    PROTECTION_RESTORED = "protection.restored"
+    RESTORE_COMPLETED = "restore.completed"
+    RESTORE_FAILED = "restore.failed"
+
+
+WEBHOOK_TEST = "webhook.test"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # waiting for its next attempt
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # every attempt failed, or its endpoint was disabled
+
+
 def one_of(column: str, values: type[StrEnum] | tuple[str, ...]) -> str:
     """The SQL of `column` holding one of `values` (CHECK constraints, partial indexes)."""
     words = ", ".join(f"'{v}'" for v in values)

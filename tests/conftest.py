@@ -23,6 +23,8 @@ os.environ.setdefault("IBP_REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("IBP_STORAGE_ROOTS", '["/srv/backups", "/mnt/nfs"]')
 # Every test client logs in from one address; the throttle's own tests lower the limits.
 os.environ.setdefault("IBP_LOGIN_ATTEMPTS_PER_ADDRESS", "1000000")
+# Webhook tests send to a receiver on loopback.
+os.environ.setdefault("IBP_WEBHOOKS_ALLOW_PRIVATE", "true")
 
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402

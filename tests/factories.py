@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.engine.webhooks.events import seal_secret
+from app.engine.webhooks.signing import new_secret
 from app.models import (
     ApiToken,
     Backup,
@@ -21,9 +23,11 @@ from app.models import (
     Location,
     Restore,
     User,
+    WebhookEndpoint,
 )
 from app.policies.service import plan_next_run
 from app.security import PERSONAL_PREFIX, SESSION_PREFIX, hash_password, new_token, token_digest
+from app.values import WebhookEvent
 
 _seq = itertools.count(1)
 PASSWORD = "correct horse battery"
@@ -206,3 +210,19 @@ async def create_restore(session: AsyncSession, instance: Instance, **overrides:
     }
     values.update(overrides)
     return await _save(session, Restore(**values))
+
+
+async def create_webhook(
+    session: AsyncSession, owner: User, secret: str | None = None, **overrides: Any
+) -> WebhookEndpoint:
+    """An enabled endpoint of `owner` for every event, signing with `secret` (or a new one)."""
+    endpoint = WebhookEndpoint(
+        id=uuid.uuid4(),
+        owner_id=owner.id,
+        url=overrides.pop("url", "http://127.0.0.1:9/hooks"),
+        events=overrides.pop("events", [str(e) for e in WebhookEvent]),
+        secret_encrypted=seal_secret(secret or new_secret()),
+        **overrides,
+    )
+    saved: WebhookEndpoint = await _save(session, endpoint)
+    return saved

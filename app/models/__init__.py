@@ -13,6 +13,7 @@ from app.models.inventory import (
 from app.models.policy import BackupPolicy
 from app.models.restore import Restore
 from app.models.user import ApiToken, User
+from app.models.webhook import WebhookDelivery, WebhookEndpoint
 from app.models.worker import Worker
 
 __all__ = [
@@ -30,5 +31,7 @@ __all__ = [
     "ProtectionChange",
     "Restore",
     "User",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "Worker",
 ]

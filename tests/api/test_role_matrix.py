@@ -24,6 +24,7 @@ from tests.factories import (
     create_instance,
     create_policy,
     create_restore,
+    create_webhook,
     login_session,
 )
 
@@ -153,6 +154,7 @@ async def test_every_admin_only_endpoint_is_403_for_users(
 BODIES: dict[str, dict[str, Any]] = {
     "PATCH /backup-policies/{policy_id}": {"name": "stolen"},
     "POST /backups/{backup_id}/restore": {"target": "new_disk"},
+    "PATCH /webhooks/{webhook_id}": {"description": "stolen"},
 }
 
 
@@ -174,6 +176,7 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         ).json()
         restore = await create_restore(session, instance, backup_id=backup.id)
         login, login_headers = await login_session(session, other)
+        webhook = await create_webhook(session, other)
         values = {
             "policy_id": policy.id,
             "instance_id": instance.id,
@@ -181,6 +184,7 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
             "token_id": token["id"],
             "restore_id": restore.id,
             "session_id": login.id,
+            "webhook_id": webhook.id,
         }
         body = BODIES.get(str(endpoint))
         if str(endpoint) == "POST /backup-policies/{policy_id}/instances":
@@ -199,6 +203,8 @@ async def test_user_acting_on_someone_elses_rows_is_404_everywhere(
         assert instance.backup_policy_id == policy.id, endpoint
         assert backup.status == "completed", endpoint
         assert policy.name != "stolen", endpoint
+        await session.refresh(webhook)
+        assert webhook.description != "stolen", endpoint
         listed = await client.get("/tokens", headers=other_headers)
         assert token["id"] in [t["id"] for t in listed.json()["items"]], endpoint
         assert (await client.get("/me", headers=login_headers)).status_code == 200, endpoint
@@ -214,11 +220,13 @@ async def test_admin_reads_other_users_rows(
     instance = await create_instance(session, other, backup_policy_id=policy.id)
     backup = await create_backup(session, instance)
     restore = await create_restore(session, instance, backup_id=backup.id)
+    webhook = await create_webhook(session, other)
     values = {
         "policy_id": policy.id,
         "instance_id": instance.id,
         "backup_id": backup.id,
         "restore_id": restore.id,
+        "webhook_id": webhook.id,
     }
     failures = []
     for endpoint in USER_SCOPED:
