@@ -145,8 +145,16 @@ def enqueue_storage_check(jobs: JobQueue, storage_id: uuid.UUID, hypervisor_id: 
     )
 
 
-def enqueue_webhook_delivery(jobs: JobQueue, defer_s: float | None = None) -> None:
-    """Send the webhook deliveries that are due. No fixed id: each run claims what is due at
-    its start, so a run queued while another runs still sends what was written since. Lost,
-    it only delays them: the tick queues a run while deliveries are due."""
-    jobs.add("deliver_webhooks", queue_name=CONTROL_QUEUE, redispatched=True, defer_s=defer_s)
+def enqueue_webhook_delivery(
+    jobs: JobQueue, defer_s: float | None = None, job_id: str | None = None
+) -> None:
+    """Send the webhook deliveries that are due. No fixed id by default: each run claims what
+    is due at its start, so a run queued while another runs still sends what was written
+    since. Lost, it only delays them: the tick queues a run while deliveries are due."""
+    jobs.add(
+        "deliver_webhooks",
+        queue_name=CONTROL_QUEUE,
+        job_id=job_id,
+        redispatched=True,
+        defer_s=defer_s,
+    )

@@ -32,12 +32,14 @@ from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
+from app.engine.webhooks.events import emitted
 from app.engine.words import Words
 from app.engine.workers import unattended
 from app.errors import SecretsUndecryptable
 from app.metrics import COMPLETED, FAILED, JobMetrics
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
+from app.queues import JobQueue, enqueue_webhook_delivery
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
 from app.units import size_human
 from app.values import ACTIVE, BackupStatus
@@ -80,10 +82,15 @@ class Resources:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session that commits when the block ends without an exception."""
+        """A session that commits when the block ends without an exception; webhook
+        deliveries it wrote are then sent (the delivery job is queued after the commit)."""
         async with self.sessionmaker() as session:
             yield session
             await session.commit()
+            if emitted(session):
+                jobs = JobQueue()
+                enqueue_webhook_delivery(jobs)
+                await jobs.flush(self.redis)
 
 
 def resources(ctx: JobContext) -> Resources:

@@ -35,12 +35,14 @@ from worker.tasks.deletion import delete_backup_files
 from worker.tasks.reconcile import reconcile_storages
 from worker.tasks.restore import run_restore
 from worker.tasks.verify import verify_backup
+from worker.tasks.webhooks import deliver_webhooks
 
 log = logging.getLogger("ibp.worker")
 BACKUP_TIMEOUT_S = 12 * 3600
 RESTORE_TIMEOUT_S = 12 * 3600
 VERIFY_TIMEOUT_S = 12 * 3600
 RECONCILE_HOURS = {3, 9, 15, 21}  # storages are compared with the catalog four times a day
+WEBHOOKS_TIMEOUT_S = 900  # a run sends batch after batch; one cut short leaves the rest due
 DELETE_MAX_TRIES = 1000  # unreachable storage is retried with backoff, never given up silently
 
 
@@ -75,7 +77,17 @@ def _workers(
 
         def control_worker() -> Worker:
             return Worker(
-                functions=[func(delete_backup_files, max_tries=DELETE_MAX_TRIES, timeout=600)],
+                functions=[
+                    func(delete_backup_files, max_tries=DELETE_MAX_TRIES, timeout=600),
+                    # Retries are the delivery rows' own (next_attempt_at), never arq's.
+                    func(
+                        deliver_webhooks,
+                        name="deliver_webhooks",
+                        timeout=WEBHOOKS_TIMEOUT_S,
+                        max_tries=1,
+                        keep_result=0,
+                    ),
+                ],
                 cron_jobs=[
                     cron(tick, run_at_startup=True, unique=True, timeout=300),
                     cron(

@@ -14,10 +14,11 @@ from app.engine.lifecycle import (
 )
 from app.engine.protection import evaluate_protection
 from app.engine.verification import due_for_verification
+from app.engine.webhooks.delivery import next_due
 from app.engine.workers import fail_unattended
 from app.metrics import TICK_DISPATCHED, TICK_REAPED, TICK_SECONDS, TICK_SKIPPED
 from app.models import Backup
-from app.queues import JobQueue, enqueue_verify
+from app.queues import JobQueue, enqueue_verify, enqueue_webhook_delivery
 from worker.jobs import JobContext, Resources, resources
 from worker.tasks.tick import run_tick
 
@@ -43,6 +44,9 @@ async def tick(ctx: JobContext) -> str:
         lost = JobQueue()
         resent = await redispatch_lost_jobs(session, lost, now)
         await remove_emptied_instances(session)
+        # Webhook retries come due here (and after any restart): one delivery run sends them.
+        if (due := await next_due(session)) is not None and due <= now:
+            enqueue_webhook_delivery(lost)
     for kind, count in reaped.items():  # committed: counted
         TICK_REAPED.labels(kind=kind).inc(count)
     await lost.flush(res.redis)
