@@ -14,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.engine.chains import completed_chains
 from app.engine.policy_state import policy_errored, policy_recovered, refresh_next_run
 from app.engine.protection import evaluate_protection
+from app.engine.webhooks.events import emit_backup, emit_restore
 from app.models import Backup, BackupChain, BackupFile, BackupPolicy, Instance, Restore
 from app.queues import JobQueue, enqueue_backup, enqueue_deletion, enqueue_restore
 from app.scheduling import Decision, chains_to_delete
-from app.values import BackupStatus, BackupType
+from app.values import BackupStatus, BackupType, WebhookEvent
 
 WORKER_LOST = "Worker lost: no heartbeat from the backup job; the next run will retry"
 NEVER_STARTED = "Backup never started: is the hypervisor's worker running?"
@@ -128,6 +129,7 @@ async def record_completion(
         )
         if retention is not None:
             await apply_retention(session, done.instance_id, retention, decision.chain_id, jobs)
+    await emit_backup(session, WebhookEvent.BACKUP_COMPLETED, done)
     await record_success(session, done)
     return done
 
@@ -239,8 +241,10 @@ async def remove_emptied_instances(session: AsyncSession) -> list[uuid.UUID]:
 async def record_failure(
     session: AsyncSession, backup: Backup, message: str, now: datetime
 ) -> None:
-    """A failed backup turns its policy to Error with the reason, in the operator's words; the
-    policy's next run is planned again (after a failed full it takes a full, whatever the day)."""
+    """A failed backup is reported (backup.failed) and turns its policy to Error with the
+    reason, in the operator's words; the policy's next run is planned again (after a failed full
+    it takes a full, whatever the day)."""
+    await emit_backup(session, WebhookEvent.BACKUP_FAILED, backup)
     if backup.policy_id is None:
         return
     name = await session.scalar(select(Instance.name).where(Instance.id == backup.instance_id))
@@ -309,6 +313,8 @@ async def reap_stale_restores(
         start_within,
         (RESTORE_WORKER_LOST, RESTORE_NEVER_STARTED),
     )
+    for restore in restores:
+        await emit_restore(session, WebhookEvent.RESTORE_FAILED, restore)
     return [r.id for r in restores]
 
 

@@ -14,9 +14,10 @@ from sqlalchemy import and_, not_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import chain_states
+from app.engine.webhooks.events import emit_policy
 from app.models import Backup, BackupPolicy, Hypervisor, Instance, User
 from app.scheduling import ChainState, next_backup_at
-from app.values import BackupStatus, PolicyStatus
+from app.values import BackupStatus, PolicyStatus, WebhookEvent
 
 # Refusals of a backup job. OVERLAP (two backups queued at once) is not an error of the policy
 # and says nothing of the instance's health, so the recovery rule looks past it.
@@ -29,13 +30,13 @@ async def policy_errored(
     session: AsyncSession, policy_id: uuid.UUID, message: str, now: datetime
 ) -> bool:
     """A backup of the policy failed: it shows Error with the reason (a paused policy stays
-    paused). True when the policy was not in Error before."""
+    paused). True when the policy was not in Error before (policy.error is sent)."""
     before = await session.scalar(
         select(BackupPolicy.status).where(BackupPolicy.id == policy_id).with_for_update()
     )
     if before is None or before == PolicyStatus.PAUSED:
         return False
-    await session.execute(
+    policy = await session.scalar(
         update(BackupPolicy)
         .where(BackupPolicy.id == policy_id)
         .values(
@@ -44,14 +45,20 @@ async def policy_errored(
             last_error_at=now,
             last_error_resolved_at=None,
         )
+        .returning(BackupPolicy)
+        .execution_options(populate_existing=True)
     )
-    return before != PolicyStatus.ERROR
+    if before == PolicyStatus.ERROR or policy is None:
+        return False
+    await emit_policy(session, WebhookEvent.POLICY_ERROR, policy)
+    return True
 
 
 async def policy_recovered(session: AsyncSession, policy_id: uuid.UUID, now: datetime) -> bool:
     """An Error policy goes back to Active when the most recent backup of every attached
     instance, scheduled or "Backup now", has completed. The error stays readable as the last
-    one, with when it was resolved. True when the policy recovered now."""
+    one, with when it was resolved. True when the policy recovered now (policy.recovered is
+    sent)."""
     status = await session.scalar(
         select(BackupPolicy.status).where(BackupPolicy.id == policy_id).with_for_update()
     )
@@ -74,11 +81,15 @@ async def policy_recovered(session: AsyncSession, policy_id: uuid.UUID, now: dat
     ).all()
     if any(outcome != BackupStatus.COMPLETED for outcome in outcomes):
         return False
-    await session.execute(
+    policy = await session.scalar(
         update(BackupPolicy)
         .where(BackupPolicy.id == policy_id)
         .values(status=PolicyStatus.ACTIVE, last_error_resolved_at=now)
+        .returning(BackupPolicy)
+        .execution_options(populate_existing=True)
     )
+    if policy is not None:
+        await emit_policy(session, WebhookEvent.POLICY_RECOVERED, policy)
     return True
 
 

@@ -23,9 +23,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import get_settings
+from app.engine.webhooks.events import emit_protection
 from app.models import Backup, BackupPolicy, Instance, ProtectionChange
 from app.scheduling import Schedule, longest_gap_days
-from app.values import BackupStatus, Frequency, Protection, Weekday
+from app.values import BackupStatus, Frequency, Protection, WebhookEvent, Weekday
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,29 @@ async def protection_changed(session: AsyncSession, change: Change, now: datetim
         )
     )
     await session.flush()
+    event = _event(change.before, change.after)
+    if event is not None:
+        await emit_protection(
+            session,
+            event,
+            change.instance_id,
+            change.policy_id,
+            change.before,
+            change.after,
+            change.last_good_backup_at,
+        )
+
+
+_UNSAFE = (Protection.AT_RISK, Protection.UNPROTECTED)
+
+
+def _event(before: str | None, after: str | None) -> str | None:
+    """Which webhook a change is: crossing between protected and not. at_risk: a protected
+    instance falls behind or loses its last good backup, or is first measured behind;
+    restored: protected again (or for the first time) after at_risk or unprotected. Moves
+    between at_risk and unprotected, and leaving a policy, send nothing."""
+    if after in _UNSAFE and (before == Protection.PROTECTED or after == Protection.AT_RISK):
+        return None if before in _UNSAFE else WebhookEvent.PROTECTION_AT_RISK
+    if after == Protection.PROTECTED and before in _UNSAFE:
+        return WebhookEvent.PROTECTION_RESTORED
+    return None

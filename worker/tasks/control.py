@@ -15,10 +15,12 @@ from app.engine.lifecycle import (
 from app.engine.protection import evaluate_protection
 from app.engine.verification import due_for_verification
 from app.engine.webhooks.delivery import next_due
+from app.engine.webhooks.events import emit_restore
 from app.engine.workers import fail_unattended
 from app.metrics import TICK_DISPATCHED, TICK_REAPED, TICK_SECONDS, TICK_SKIPPED
 from app.models import Backup
 from app.queues import JobQueue, enqueue_verify, enqueue_webhook_delivery
+from app.values import WebhookEvent
 from worker.jobs import JobContext, Resources, resources
 from worker.tasks.tick import run_tick
 
@@ -41,6 +43,7 @@ async def tick(ctx: JobContext) -> str:
                 await record_failure(session, row, row.error or "", now)
             else:
                 reaped["restore"] += 1
+                await emit_restore(session, WebhookEvent.RESTORE_FAILED, row)
         lost = JobQueue()
         resent = await redispatch_lost_jobs(session, lost, now)
         await remove_emptied_instances(session)

@@ -25,11 +25,12 @@ from app.engine.chain_fetch import ChainError, ChainPlan, load_chain, rebuild, r
 from app.engine.chains import Busy
 from app.engine.policy_state import refresh_next_run
 from app.engine.storage_access import open_driver
+from app.engine.webhooks.events import emit_restore
 from app.engine.words import Words
 from app.metrics import RESTORES
 from app.models import Hypervisor, Instance, Restore
 from app.storage.files import fsync_path
-from app.values import RestoreStatus, RestoreTarget
+from app.values import RestoreStatus, RestoreTarget, WebhookEvent
 from worker.jobs import Job, JobFailed, Progress, Resources, now, until_recorded
 
 INTERRUPTED = (
@@ -60,6 +61,12 @@ class RestoreJob(Job[Work]):
     name = "restore"
     interrupted = INTERRUPTED
     metrics = RESTORES
+
+    async def fail(self, session: AsyncSession, row_id: uuid.UUID, words: Words) -> Any:
+        failed = await super().fail(session, row_id, words)
+        if failed is not None:
+            await emit_restore(session, WebhookEvent.RESTORE_FAILED, failed)
+        return failed
 
     async def refuse(self, session: AsyncSession, row_id: uuid.UUID, work: Busy) -> None:
         await self.fail(session, row_id, Words(BACKUP_RUNNING))
@@ -223,7 +230,7 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
 async def _complete(res: Resources, work: Work, result: dict[str, str]) -> None:
     done = now()
     async with res.session() as session:
-        await session.execute(
+        completed = await session.scalar(
             update(Restore)
             .where(Restore.id == work.restore.id, Restore.status == RestoreStatus.IN_PROGRESS)
             .values(
@@ -234,7 +241,10 @@ async def _complete(res: Resources, work: Work, result: dict[str, str]) -> None:
                 progress=100,
                 error=None,
             )
+            .returning(Restore)
         )
         if work.restore.target == RestoreTarget.IN_PLACE and work.instance.backup_policy_id:
             # The disk was rewritten: the next run takes a full, whatever the day.
             await refresh_next_run(session, work.instance.backup_policy_id, done)
+        if completed is not None:
+            await emit_restore(session, WebhookEvent.RESTORE_COMPLETED, completed)

@@ -19,8 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.chains import chain_states
 from app.engine.policy_state import policy_errored
+from app.engine.webhooks.events import emit_backup, emitted
 from app.models import Backup, BackupPolicy, Hypervisor, Instance, User
-from app.queues import JobQueue, enqueue_backup
+from app.queues import JobQueue, enqueue_backup, enqueue_webhook_delivery
 from app.scheduling import (
     Chain,
     ChainState,
@@ -32,7 +33,7 @@ from app.scheduling import (
     slot_local_date,
     state_after,
 )
-from app.values import BackupStatus, BackupType, InstanceStatus, PolicyStatus
+from app.values import BackupStatus, BackupType, InstanceStatus, PolicyStatus, WebhookEvent
 
 BATCH = 500
 
@@ -157,10 +158,15 @@ async def _dispatch_batch(
             )
         ).all()
         hypervisor_of = {i.id: i.hypervisor_id for i in instances}
+        failed = []
         for backup_id, instance_id, status in inserted:
             if status == BackupStatus.PENDING:
                 enqueue_backup(jobs, backup_id, hypervisor_of[instance_id])
                 result.dispatched.append(backup_id)
+            elif status == BackupStatus.FAILED:
+                failed.append(backup_id)
+        for backup in await session.scalars(select(Backup).where(Backup.id.in_(failed))):
+            await emit_backup(session, WebhookEvent.BACKUP_FAILED, backup)
     return len(rows)
 
 
@@ -230,6 +236,8 @@ async def run_tick(
         async with sessionmaker() as session:
             claimed = await _dispatch_batch(session, now, grace, jobs, result)
             await session.commit()
+            if emitted(session):
+                enqueue_webhook_delivery(jobs)
         await jobs.flush(redis)
         if claimed < BATCH:
             return result

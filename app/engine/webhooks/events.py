@@ -197,6 +197,27 @@ async def emit_policy(session: AsyncSession, event_type: str, policy: BackupPoli
     return await emit_event(session, event_type, policy.owner_id, policy_data(policy))
 
 
+async def emit_protection(
+    session: AsyncSession,
+    event_type: str,
+    instance_id: uuid.UUID,
+    policy_id: uuid.UUID | None,
+    before: str | None,
+    after: str | None,
+    last_good_backup_at: datetime | None,
+) -> int:
+    """protection.at_risk or protection.restored, to the instance owner's endpoints."""
+    owner_id = await _instance_owner(session, instance_id)
+    data = {
+        "instance_id": str(instance_id),
+        "policy_id": str(policy_id) if policy_id else None,
+        "protection": after,
+        "previous_protection": before,
+        "last_good_backup_at": _iso(last_good_backup_at),
+    }
+    return await emit_event(session, event_type, owner_id, data)
+
+
 async def _instance_owner(session: AsyncSession, instance_id: uuid.UUID) -> uuid.UUID:
     owner: uuid.UUID | None = await session.scalar(
         select(Instance.owner_id).where(Instance.id == instance_id)
