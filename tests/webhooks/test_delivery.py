@@ -168,7 +168,7 @@ async def test_an_endpoint_failing_every_attempt_is_disabled_with_the_reason(
     read = (await client.get(f"/webhooks/{endpoint.id}", headers=headers)).json()
     assert read["enabled"] is False
     assert read["disabled_at"] is not None
-    assert "failed 3 attempts" in read["disabled_reason"]
+    assert "gave up after 3 attempts" in read["disabled_reason"]
     assert "HTTP 500" in read["disabled_reason"]
 
     # Nothing more goes to it: a new event finds no enabled endpoint.

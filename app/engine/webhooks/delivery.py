@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.webhooks.events import open_secret
 from app.engine.webhooks.signing import sign
-from app.engine.webhooks.urls import Target, UrlRefused, resolve
+from app.engine.webhooks.urls import UrlRefused, pinned, resolve
 from app.models import WebhookDelivery, WebhookEndpoint
 from app.security import WrongSecretKey
 from app.values import DeliveryStatus
@@ -194,35 +194,28 @@ async def send(http: httpx.AsyncClient, item: Claimed, settings: DeliverySetting
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(item.secret, item.message_id, timestamp, body),
     }
-    url, extensions = pinned(target)
     headers["host"] = target.url.netloc.rpartition("@")[2]
-    try:
-        async with http.stream(
-            "POST", url, content=body, headers=headers, extensions=extensions
-        ) as response:
-            code = response.status_code
-    except httpx.TimeoutException:
-        return Outcome(None, f"No answer within {settings.timeout_s:g} s")
-    except httpx.HTTPError as exc:
-        return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
+    code: int | None = None
+    error = Outcome(None, "No address to connect to")
+    for address in target.addresses:  # the next one only when this one cannot be reached
+        url, extensions = pinned(target, address)
+        try:
+            async with http.stream(
+                "POST", url, content=body, headers=headers, extensions=extensions
+            ) as response:
+                code = response.status_code
+            break
+        except httpx.ConnectError as exc:
+            error = Outcome(None, f"Cannot connect: {exc}"[:500])
+        except httpx.TimeoutException:
+            return Outcome(None, f"No answer within {settings.timeout_s:g} s")
+        except httpx.HTTPError as exc:
+            return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
+    if code is None:
+        return error
     if 200 <= code < 300:
         return Outcome(code, None)
     return Outcome(code, f"HTTP {code}")
-
-
-def pinned(target: Target) -> tuple[str, dict[str, Any]]:
-    """The URL with its host replaced by the checked address, and for https the name to ask
-    the server's certificate for (SNI and verification), so the connection goes where the
-    check allowed even if the name resolves elsewhere a moment later."""
-    address = str(target.address)
-    host = f"[{address}]" if target.address.version == 6 else address
-    userinfo, at, _ = target.url.netloc.rpartition("@")
-    netloc = f"{userinfo}{at}{host}:{target.port}"
-    url = target.url._replace(netloc=netloc, fragment="").geturl()
-    extensions: dict[str, Any] = {}
-    if target.url.scheme == "https":
-        extensions["sni_hostname"] = target.host
-    return url, extensions
 
 
 async def record(
@@ -285,10 +278,12 @@ async def _disable_for_failing(
     endpoint = await session.get(WebhookEndpoint, item.endpoint_id, with_for_update=True)
     if endpoint is None or not endpoint.enabled:
         return
+    attempts = item.attempts + 1
     reason = (
         f"Disabled at {now:%Y-%m-%d %H:%M} UTC: every delivery since "
         f"{item.created_at:%Y-%m-%d %H:%M} UTC failed; {item.event_type} {item.message_id} "
-        f"failed {item.attempts + 1} attempts, the last with: {outcome.error}"
+        f"gave up after {attempts} attempt{'' if attempts == 1 else 's'}, the last with: "
+        f"{outcome.error}"
     )
     await disable_endpoint(session, endpoint, reason, now)
     log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -25,12 +26,12 @@ class UrlRefused(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """A checked URL and the address to connect to."""
+    """A checked URL and the addresses to connect to, in the resolver's order."""
 
     url: SplitResult
     host: str
     port: int
-    address: IPAddress
+    addresses: tuple[IPAddress, ...]
 
 
 def parse(url: str) -> tuple[SplitResult, str, int]:
@@ -55,10 +56,10 @@ def refusal(address: IPAddress) -> str | None:
         address = address.ipv4_mapped
     for kind, matches in (
         ("loopback", address.is_loopback),
-        ("private", address.is_private),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
         ("unspecified", address.is_unspecified),
+        ("private", address.is_private),
         ("reserved", address.is_reserved),
     ):
         if matches:
@@ -69,7 +70,7 @@ def refusal(address: IPAddress) -> str | None:
 
 
 async def resolve(url: str, allow_private: bool) -> Target:
-    """The URL checked, with the first address of its host that webhooks may go to.
+    """The URL checked, with the addresses of its host.
 
     Every address the name resolves to must be allowed: a name that points both outside and
     inside is refused as a whole."""
@@ -89,7 +90,21 @@ async def resolve(url: str, allow_private: bool) -> Target:
                     f"{host} resolves to a {kind} address ({address}); webhooks go to public "
                     "addresses only unless the administrator sets IBP_WEBHOOKS_ALLOW_PRIVATE"
                 )
-    return Target(parts, host, port, addresses[0])
+    return Target(parts, host, port, tuple(addresses))
+
+
+def pinned(target: Target, address: IPAddress) -> tuple[str, dict[str, Any]]:
+    """The URL with its host replaced by a checked address, and for https the name to ask
+    the server's certificate for (SNI and verification), so the connection goes where the
+    check allowed even if the name resolves elsewhere a moment later."""
+    host = f"[{address}]" if address.version == 6 else str(address)
+    userinfo, at, _ = target.url.netloc.rpartition("@")
+    netloc = f"{userinfo}{at}{host}:{target.port}"
+    url = target.url._replace(netloc=netloc, fragment="").geturl()
+    extensions: dict[str, Any] = {}
+    if target.url.scheme == "https":
+        extensions["sni_hostname"] = target.host
+    return url, extensions
 
 
 async def _lookup(host: str, port: int) -> list[IPAddress]:
