@@ -362,31 +362,44 @@ async def _demo_vm(email: str, name: str, disk: Path, size_mib: int, data_mib: i
 
 
 async def _rotate_secrets() -> int:
-    """Seal every storage's secrets with the current IBP_SECRET_KEY; 1 when some do not open."""
+    """Seal every storage's secrets and every webhook's signing secret with the current
+    IBP_SECRET_KEY; 1 when some do not open (then nothing changes)."""
     from sqlalchemy import select
 
     from app.config import get_settings
     from app.db import build_engine, build_sessionmaker
     from app.engine.storage_access import reseal_secrets
+    from app.engine.webhooks.events import reseal_secrets as reseal_webhook_secrets
     from app.errors import SecretsUndecryptable
-    from app.models import BackupStorage
+    from app.models import BackupStorage, WebhookEndpoint
+    from app.security import WrongSecretKey
 
     engine = build_engine(get_settings())
     try:
         async with build_sessionmaker(engine)() as session:
-            # Locked, so a storage updated meanwhile is not overwritten with its old secrets.
+            # Locked, so a row updated meanwhile is not overwritten with its old secrets.
             storages = await session.scalars(
                 select(BackupStorage).order_by(BackupStorage.name).with_for_update()
             )
+            endpoints = await session.scalars(
+                select(WebhookEndpoint).order_by(WebhookEndpoint.id).with_for_update()
+            )
             try:
                 count = reseal_secrets(storages)
+                hooks = reseal_webhook_secrets(endpoints)
             except SecretsUndecryptable as exc:
                 print(f"ibp rotate-secrets: nothing changed. {exc.detail}", file=sys.stderr)
+                return 1
+            except WrongSecretKey as exc:
+                print(f"ibp rotate-secrets: nothing changed. {exc}", file=sys.stderr)
                 return 1
             await session.commit()
     finally:
         await engine.dispose()
-    print(f"Re-encrypted the secrets of {count} backup storage(s) with the current IBP_SECRET_KEY")
+    print(
+        f"Re-encrypted the secrets of {count} backup storage(s) and {hooks} webhook "
+        "endpoint(s) with the current IBP_SECRET_KEY"
+    )
     return 0
 
 

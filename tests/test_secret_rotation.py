@@ -109,3 +109,44 @@ async def test_rotate_secrets_reseals_every_storage_with_the_current_key(
     assert again.returncode == 0, again.stderr
     with pytest.raises(WrongSecretKey):
         SecretBox(OLD).decrypt(after["sftp-a"])
+
+
+async def test_rotate_secrets_reseals_webhook_signing_secrets_too(
+    committed_engine: AsyncEngine,
+) -> None:
+    from app.models import User, WebhookEndpoint
+
+    user_id, hook_id = uuid.uuid4(), uuid.uuid4()
+    async with committed_engine.begin() as conn:
+        await conn.execute(
+            insert(User).values(
+                id=user_id,
+                email="hooks@example.com",
+                name="",
+                password_hash="x",
+                role="user",
+                timezone="UTC",
+            )
+        )
+        await conn.execute(
+            insert(WebhookEndpoint).values(
+                id=hook_id, owner_id=user_id, all_users=False, url="http://example.com/h",
+                description="", events=["backup.failed"], enabled=True,
+                secret_encrypted=SecretBox(OLD).encrypt({"secret": "whsec_marker"}),
+            )
+        )  # fmt: skip
+
+    async def sealed() -> str:
+        async with committed_engine.connect() as conn:
+            return str(await conn.scalar(select(WebhookEndpoint.secret_encrypted)))
+
+    before = await sealed()
+    refused = _rotate(WRONG)
+    assert refused.returncode == 1, refused.stderr
+    assert str(hook_id) in refused.stderr and "Traceback" not in refused.stderr
+    assert await sealed() == before
+
+    done = _rotate(NEW, previous=OLD)
+    assert done.returncode == 0, done.stderr
+    assert "1 webhook endpoint(s)" in done.stdout
+    assert SecretBox(NEW).decrypt(await sealed()) == {"secret": "whsec_marker"}

@@ -9,6 +9,7 @@ error; never hosts, URIs, paths, usernames or buckets.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +25,7 @@ from app.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from app.security import secret_box
+from app.security import WrongSecretKey, secret_box
 from app.values import WEBHOOK_TEST, DeliveryStatus, Role
 
 # Set in session.info by an emission; read once the session committed (`emitted`).
@@ -38,6 +39,28 @@ def seal_secret(secret: str) -> str:
 def open_secret(endpoint: WebhookEndpoint) -> str:
     secret: str = secret_box().decrypt(endpoint.secret_encrypted)["secret"]
     return secret
+
+
+def reseal_secrets(endpoints: Iterable[WebhookEndpoint]) -> int:
+    """Seal every endpoint's signing secret again with the current IBP_SECRET_KEY (`ibp
+    rotate-secrets`); how many. All or nothing: raises WrongSecretKey naming every endpoint
+    whose secret opens with no key, and changes none."""
+    box, endpoints = secret_box(), list(endpoints)
+    failed = []
+    for endpoint in endpoints:
+        try:
+            box.decrypt(endpoint.secret_encrypted)
+        except WrongSecretKey:
+            failed.append(str(endpoint.id))
+    if failed:
+        raise WrongSecretKey(
+            f"The signing secrets of webhook endpoint(s) {', '.join(failed)} cannot be "
+            "decrypted with IBP_SECRET_KEY nor any of IBP_PREVIOUS_SECRET_KEYS: add the key "
+            "they were sealed with to IBP_PREVIOUS_SECRET_KEYS, or delete those endpoints"
+        )
+    for endpoint in endpoints:
+        endpoint.secret_encrypted = box.reseal(endpoint.secret_encrypted)
+    return len(endpoints)
 
 
 def new_message_id() -> str:
