@@ -12,7 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from standardwebhooks import Webhook
 
-from app.engine.webhooks.delivery import ENDPOINT_DISABLED, DeliverySettings, deliver_due
+from app.engine.webhooks.delivery import (
+    ENDPOINT_DISABLED,
+    DeliverySettings,
+    deliver_due,
+    prune_log,
+)
 from app.engine.webhooks.events import emit_event
 from app.engine.webhooks.signing import new_secret
 from app.models import WebhookDelivery, WebhookEndpoint
@@ -217,3 +222,27 @@ async def test_disabled_endpoints_pending_deliveries_fail_with_the_reason(
     await client.patch(f"/webhooks/{endpoint.id}", json={"enabled": False}, headers=headers)
     [delivery] = await _deliveries(session, endpoint)
     assert (delivery.status, delivery.last_error) == ("failed", ENDPOINT_DISABLED)
+
+
+async def test_finished_deliveries_leave_the_log_after_30_days(session: AsyncSession) -> None:
+    owner = await create_user(session)
+    endpoint = await create_webhook(session, owner)
+    now = datetime.now(UTC)
+    for status, age in (("succeeded", 31), ("failed", 31), ("succeeded", 29), ("pending", 40)):
+        session.add(
+            WebhookDelivery(
+                endpoint_id=endpoint.id,
+                event_type="backup.failed",
+                message_id=f"msg_{status}_{age}",
+                payload={},
+                status=status,
+                attempts=1,
+                created_at=now - timedelta(days=age),
+                completed_at=None if status == "pending" else now - timedelta(days=age),
+                next_attempt_at=now if status == "pending" else None,
+            )
+        )
+    await session.flush()
+    assert await prune_log(session, now) == 2
+    left = {d.message_id for d in await _deliveries(session, endpoint)}
+    assert left == {"msg_succeeded_29", "msg_pending_40"}

@@ -14,7 +14,7 @@ from app.engine.lifecycle import (
 )
 from app.engine.protection import evaluate_protection
 from app.engine.verification import due_for_verification
-from app.engine.webhooks.delivery import next_due
+from app.engine.webhooks.delivery import next_due, prune_log
 from app.engine.webhooks.events import emit_restore
 from app.engine.workers import fail_unattended
 from app.metrics import TICK_DISPATCHED, TICK_REAPED, TICK_SECONDS, TICK_SKIPPED
@@ -50,6 +50,7 @@ async def tick(ctx: JobContext) -> str:
         # Webhook retries come due here (and after any restart): one delivery run sends them.
         if (due := await next_due(session)) is not None and due <= now:
             enqueue_webhook_delivery(lost)
+        await prune_log(session, now)
     for kind, count in reaped.items():  # committed: counted
         TICK_REAPED.labels(kind=kind).inc(count)
     await lost.flush(res.redis)

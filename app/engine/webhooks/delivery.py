@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import exists, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.webhooks.events import open_secret
@@ -48,6 +48,8 @@ CLAIM_LEASE = timedelta(seconds=TIMEOUT_S * 3)
 BATCH = 50
 CONCURRENCY = 10
 ENDPOINT_DISABLED = "The endpoint was disabled before this delivery succeeded"
+KEEP_LOG = timedelta(days=30)  # finished deliveries stay in the endpoint's log this long
+PRUNE_BATCH = 5000
 
 
 @dataclass(frozen=True)
@@ -319,3 +321,20 @@ async def next_due(session: AsyncSession) -> datetime | None:
         .limit(1)
     )
     return when
+
+
+async def prune_log(session: AsyncSession, now: datetime) -> int:
+    """Forget finished deliveries older than KEEP_LOG, a batch per call (the minute tick)."""
+    old = (
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.status != DeliveryStatus.PENDING,
+            WebhookDelivery.completed_at < now - KEEP_LOG,
+        )
+        .limit(PRUNE_BATCH)
+        .scalar_subquery()
+    )
+    deleted = await session.execute(
+        delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)).returning(WebhookDelivery.id)
+    )
+    return len(deleted.all())
