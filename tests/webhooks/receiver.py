@@ -4,6 +4,7 @@ is told to, in order (then 200)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class Receiver:
     base_url: str
     requests: list[Received] = field(default_factory=list)
     answers: dict[str, list[int]] = field(default_factory=dict)  # path -> codes to answer
+    delay_s: float = 0.0  # how long to wait before answering
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str = "/hook") -> str:
@@ -49,6 +51,7 @@ def running_receiver() -> Iterator[Receiver]:
                 )
                 codes = receiver.answers.get(self.path) or []
                 code = codes.pop(0) if codes else 200
+            time.sleep(receiver.delay_s)
             self.send_response(code)
             self.send_header("content-length", "2")
             self.end_headers()

@@ -246,3 +246,21 @@ async def test_finished_deliveries_leave_the_log_after_30_days(session: AsyncSes
     assert await prune_log(session, now) == 2
     left = {d.message_id for d in await _deliveries(session, endpoint)}
     assert left == {"msg_succeeded_29", "msg_pending_40"}
+
+
+async def test_an_attempt_without_an_answer_in_time_fails_and_is_retried(
+    session: AsyncSession,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    receiver: Receiver,
+) -> None:
+    owner = await create_user(session)
+    endpoint = await create_webhook(session, owner, url=receiver.url("/slow"))
+    await emit_event(session, "backup.failed", owner.id, {})
+    await session.commit()
+    receiver.delay_s = 1.0
+    slow = DeliverySettings(retry_schedule=(timedelta(hours=1),), timeout_s=0.2, allow_private=True)
+    assert (await deliver_due(sessionmaker, slow)).attempted == 1
+    [delivery] = await _deliveries(session, endpoint)
+    assert (delivery.status, delivery.attempts) == ("pending", 1)
+    assert delivery.last_error == "No answer within 0.2 s"
+    assert delivery.last_response_code is None

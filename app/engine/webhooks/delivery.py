@@ -3,7 +3,7 @@ backoff for about a day; an endpoint whose deliveries keep failing is disabled w
 
 Run by the control worker (worker/tasks/webhooks.py) after a commit that wrote deliveries, and
 by the minute tick for retries, so a retry survives any restart. A worker claims a due
-delivery by pushing its next attempt past the attempt's timeout (`CLAIM_LEASE`) in a
+delivery by pushing its next attempt past what its batch may take (`CLAIM_LEASE`) in a
 conditional UPDATE, so two workers never send the same attempt, and one that dies mid-attempt
 only delays the retry. Receivers must still expect a message twice (`webhook-id` is the same).
 """
@@ -43,10 +43,12 @@ RETRY_SCHEDULE: tuple[timedelta, ...] = (
     timedelta(hours=10),
     timedelta(hours=10),
 )
-TIMEOUT_S = 10.0
-CLAIM_LEASE = timedelta(seconds=TIMEOUT_S * 3)
+TIMEOUT_S = 10.0  # a whole attempt: resolving, connecting, sending, the answer's status
 BATCH = 50
 CONCURRENCY = 10
+# Longer than a batch can take (BATCH / CONCURRENCY attempts in a row), so a claimed delivery
+# is never claimed again while its attempt may still run.
+CLAIM_LEASE = timedelta(seconds=TIMEOUT_S * (BATCH // CONCURRENCY) * 2 + 30)
 ENDPOINT_DISABLED = "The endpoint was disabled before this delivery succeeded"
 KEEP_LOG = timedelta(days=30)  # finished deliveries stay in the endpoint's log this long
 PRUNE_BATCH = 5000
@@ -107,7 +109,11 @@ async def deliver_due(
 
         async def attempt(item: Claimed) -> tuple[Claimed, Outcome]:
             async with gate:
-                return item, await send(http, item, settings)
+                try:
+                    async with asyncio.timeout(settings.timeout_s):
+                        return item, await send(http, item, settings)
+                except TimeoutError:
+                    return item, Outcome(None, f"No answer within {settings.timeout_s:g} s")
 
         while batch := await _claim(sessionmaker, settings.now()):
             for item, outcome in await asyncio.gather(*(attempt(i) for i in batch)):
