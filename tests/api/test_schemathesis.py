@@ -42,6 +42,7 @@ from tests.factories import (
     create_location,
     create_policy,
     create_user,
+    create_webhook,
 )
 
 MAX_EXAMPLES = 10
@@ -103,6 +104,7 @@ async def _seed(session: AsyncSession, tmp_path: Path) -> tuple[dict[str, Any], 
         created_at=full.created_at.replace(year=full.created_at.year + 1),
     )
     bystander: User = await create_user(session)
+    webhook = await create_webhook(session, user)
     ids = {
         "policy_id": policy.id,
         "instance_id": instance.id,
@@ -111,6 +113,7 @@ async def _seed(session: AsyncSession, tmp_path: Path) -> tuple[dict[str, Any], 
         "location_id": location.id,
         "storage_id": storage.id,
         "hypervisor_id": hypervisor.id,
+        "webhook_id": webhook.id,
     }
     return (
         {"headers": admin_headers, "ids": ids, "user": admin},
