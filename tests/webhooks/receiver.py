@@ -52,10 +52,13 @@ def running_receiver() -> Iterator[Receiver]:
                 codes = receiver.answers.get(self.path) or []
                 code = codes.pop(0) if codes else 200
             time.sleep(receiver.delay_s)
-            self.send_response(code)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
+            try:
+                self.send_response(code)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except (BrokenPipeError, ConnectionResetError):  # the sender gave up waiting
+                pass
 
         def log_message(self, format: str, *args: object) -> None:
             pass
