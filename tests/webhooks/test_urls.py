@@ -5,6 +5,8 @@ before every attempt."""
 from __future__ import annotations
 
 import ipaddress
+import ssl
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +18,7 @@ from app.engine.webhooks.events import emit_event
 from app.engine.webhooks.urls import UrlRefused, pinned, refusal, resolve
 from tests.api.helpers import assert_problem, user_with_headers
 from tests.factories import create_user, create_webhook
-from tests.webhooks.receiver import Receiver
+from tests.webhooks.receiver import Receiver, localhost_certificate, running_receiver
 
 REFUSED = [
     "http://127.0.0.1/hook",
@@ -135,3 +137,37 @@ async def test_delivery_checks_the_url_again_and_connects_to_the_checked_address
     [request] = receiver.requests
     assert request.path == "/named"
     assert request.headers["host"] == f"localhost:{port}"
+
+
+async def test_https_to_a_checked_address_still_verifies_the_certificate_for_the_name(
+    session: AsyncSession,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    tmp_path: Path,
+) -> None:
+    server_context, pem = localhost_certificate(tmp_path)
+    settings = DeliverySettings(retry_schedule=(), allow_private=True)
+    trusting = httpx.AsyncClient(
+        verify=ssl.create_default_context(cadata=pem), follow_redirects=False, trust_env=False
+    )
+    owner = await create_user(session)
+    with running_receiver(server_context) as receiver:
+        port = receiver.base_url.rsplit(":", 1)[1]
+        by_name = await create_webhook(session, owner, url=f"https://localhost:{port}/tls")
+        await emit_event(session, "backup.failed", owner.id, {})
+        await session.commit()
+        async with trusting:
+            assert (await deliver_due(sessionmaker, settings, trusting)).succeeded == 1
+            assert receiver.sni == ["localhost"]  # connected to the address, asked for the name
+            assert [r.path for r in receiver.requests] == ["/tls"]
+
+            # The certificate names localhost, not 127.0.0.1: by address it is refused.
+            by_name.enabled = False
+            by_name.disabled_at = by_name.created_at
+            by_ip = await create_webhook(session, owner, url=f"https://127.0.0.1:{port}/ip")
+            await emit_event(session, "backup.failed", owner.id, {})
+            await session.commit()
+            run = await deliver_due(sessionmaker, settings, trusting)
+            assert (run.attempted, run.succeeded) == (1, 0)
+            await session.refresh(by_ip)
+            assert "certificate" in (by_ip.disabled_reason or "").lower()
+    assert [r.path for r in receiver.requests] == ["/tls"]
