@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import Select, and_, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import (
@@ -76,7 +76,7 @@ def payload(event_type: str, data: dict[str, Any], at: datetime | None = None) -
     }
 
 
-def subscribers(owner_id: uuid.UUID, event_type: str) -> Any:
+def subscribers(owner_id: uuid.UUID, event_type: str) -> Select[uuid.UUID]:
     """The enabled endpoints that receive `event_type` of `owner_id`'s objects: the owner's
     own, and the all-users endpoints of active admins. Never another user's."""
     return (
