@@ -1,7 +1,7 @@
 """webhooks: endpoints users and admins register, and each event's delivery to one
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-08 03:00:00
 
 Signed webhooks (Standard Webhooks): an endpoint's signing secret is sealed like storage
@@ -16,7 +16,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = '0015'
-down_revision: str | None = '0013'
+down_revision: str | None = '0014'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

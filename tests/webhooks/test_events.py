@@ -197,3 +197,49 @@ async def test_nothing_is_sent_for_a_change_that_rolled_back(
         await s.rollback()
     assert (await deliver_due(sessionmaker, SEND)).attempted == 0
     assert receiver.requests == []
+
+
+async def test_protection_events_when_an_instance_falls_behind_and_when_it_is_protected_again(
+    session: AsyncSession, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    """protection.at_risk once when the last good backup is older than the policy expects;
+    protection.restored once a backup completes; the first measurement sends nothing."""
+    from app.engine.protection import evaluate_protection
+
+    owner = await create_user(session)
+    endpoint = await create_webhook(session, owner)
+    policy = await create_policy(session, owner)  # daily: expected within 1 day + the grace
+    instance = await create_instance(session, owner, backup_policy_id=policy.id)
+    t0 = datetime(2026, 6, 1, 2, 5, tzinfo=UTC)
+    await create_backup(session, instance, status="completed", completed_at=t0, created_at=t0)
+    await session.flush()
+
+    async def sent() -> list[tuple[str, dict[str, Any]]]:
+        rows = await session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.endpoint_id == endpoint.id)
+            .order_by(WebhookDelivery.created_at)
+        )
+        return [(d.event_type, d.payload["data"]) for d in rows]
+
+    await evaluate_protection(session, t0 + timedelta(hours=1), GRACE)  # first: protected
+    assert await sent() == []
+    await evaluate_protection(session, t0 + timedelta(hours=31), GRACE)
+    await evaluate_protection(session, t0 + timedelta(hours=32), GRACE)  # still: nothing more
+    back = t0 + timedelta(hours=33)
+    await create_backup(session, instance, status="completed", completed_at=back, created_at=back)
+    await evaluate_protection(session, back, GRACE)
+
+    events = await sent()
+    assert [event for event, _ in events] == ["protection.at_risk", "protection.restored"]
+    at_risk, restored = (data for _, data in events)
+    assert at_risk == {
+        "instance_id": str(instance.id),
+        "policy_id": str(policy.id),
+        "protection": "at_risk",
+        "previous_protection": "protected",
+        "last_good_backup_at": "2026-06-01T02:05:00Z",
+        "owner_id": str(owner.id),
+    }
+    assert restored["protection"] == "protected"
+    assert restored["last_good_backup_at"] == "2026-06-02T11:05:00Z"
