@@ -45,15 +45,20 @@ class CliError(Exception):
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    _settings()  # refused settings are said once, here, not by each worker process
-    # An import string and a factory: with --workers N, each process builds its own app.
+    from app.logs import logging_config
+
+    settings = _settings()  # refused settings are said once, here, not by each worker process
+    # An import string and a factory: with --workers N, each process builds its own app. The
+    # log config is applied in each process too: uvicorn's access and error lines come out in
+    # IBP_LOG_FORMAT like ours.
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level="info",
+        log_config=logging_config(settings.log_format, settings.log_level),
+        log_level=settings.log_level.lower(),
     )
 
 
@@ -424,7 +429,9 @@ def _migrate(_: argparse.Namespace) -> None:
             f"directory ({Path.cwd()}). Run it from the directory holding alembic.ini and "
             "migrations/ (/srv/ibp in the image)."
         )
-    command.upgrade(Config(str(paths.ALEMBIC_INI)), "head")
+    config = Config(str(paths.ALEMBIC_INI))
+    config.attributes["configure_logger"] = False  # ours (IBP_LOG_*), not alembic.ini's
+    command.upgrade(config, "head")
 
 
 def _at_least_one(text: str) -> int:
@@ -437,6 +444,14 @@ def _settings() -> Settings:
     from app.config import get_settings
 
     return get_settings()
+
+
+def _setup_logging() -> None:
+    """Every command logs as IBP_LOG_FORMAT and IBP_LOG_LEVEL say (a refused setting: exit 3)."""
+    from app.logs import setup_logging
+
+    settings = _settings()
+    setup_logging(settings.log_format, settings.log_level)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -596,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        _setup_logging()
         args.func(args)
     except KeyboardInterrupt:
         raise SystemExit(130) from None

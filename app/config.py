@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.logs import LOG_LEVELS
+
 PLACEHOLDER_SECRET = "change-me"
 
 
@@ -17,12 +19,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IBP_", env_file=".env", extra="ignore")
 
     environment: Literal["development", "test", "production"] = "development"
-    database_url: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/ibp"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    secret_key: str = PLACEHOLDER_SECRET
+    # Secrets (and URLs that may hold a password) stay out of the settings' repr, so a log
+    # line or a traceback that shows the settings shows no secret.
+    database_url: str = Field(
+        default="postgresql+asyncpg://postgres@127.0.0.1:5432/ibp", repr=False
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    secret_key: str = Field(default=PLACEHOLDER_SECRET, repr=False)
     # Keys the secrets may still be sealed with (comma-separated): they open stored secrets,
     # never seal new ones, until `ibp rotate-secrets` has sealed everything with secret_key.
-    previous_secret_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    previous_secret_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     session_lifetime_hours: float = Field(default=12.0, gt=0)
     # When set, every personal API token must expire within this many days of its creation.
     max_token_days: int | None = Field(default=None, gt=0, le=36500)
@@ -55,7 +61,23 @@ class Settings(BaseSettings):
     # otherwise only to public ones, checked at registration and before every attempt.
     webhooks_allow_private: bool = False
     # When set, GET /metrics answers only `Authorization: Bearer <this>`.
-    metrics_token: str | None = None
+    metrics_token: str | None = Field(default=None, repr=False)
+    # Every process's log lines: `text` (one line each) or `json` (one object per line).
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
+        return level
 
     @field_validator("previous_secret_keys", mode="before")
     @classmethod

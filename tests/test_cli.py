@@ -123,6 +123,8 @@ def test_redis_out_of_reach_is_named_with_its_url() -> None:
         ({"IBP_DB_POOL_SIZE": "many"}, "IBP_DB_POOL_SIZE: Input should be a valid integer"),
         ({"IBP_DATABASE_URL": "not-a-url"}, "IBP_DATABASE_URL: not a database URL"),
         ({"IBP_ENVIRONMENT": "production", "IBP_SECRET_KEY": "short"}, "IBP_SECRET_KEY is"),
+        ({"IBP_LOG_FORMAT": "xml"}, "IBP_LOG_FORMAT: Input should be 'text' or 'json'"),
+        ({"IBP_LOG_LEVEL": "loud"}, "IBP_LOG_LEVEL: 'loud' is not a log level (DEBUG, INFO,"),
     ],
 )
 def test_a_refused_setting_is_named_in_one_line(env: dict[str, str], says: str) -> None:

@@ -280,6 +280,7 @@ def run_worker(
     metrics_port: int | None = None,
     metrics_host: str = "0.0.0.0",
 ) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    """Serve the queues until SIGINT/SIGTERM. Logging is the caller's (`ibp worker` sets it up
+    from IBP_LOG_FORMAT and IBP_LOG_LEVEL, app.logs)."""
     with metrics_server(metrics_host, metrics_port):
         asyncio.run(_run(hypervisor, control))
