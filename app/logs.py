@@ -151,18 +151,22 @@ def setup_logging(log_format: str, log_level: str, stream: IO[str] | None = None
 
 
 class ProgressLog:
-    """Logs a long transfer's progress when PROGRESS_EVERY_S have passed since its start or
-    its last line: bytes done and total, the mean rate since the start, and the time left at
-    that rate. Fed with each advance (`advance(done, total)`); it never logs on its own."""
+    """Logs a long transfer's progress when PROGRESS_EVERY_S have passed since its first
+    advance or its last line: bytes done and total, the mean rate since the first advance
+    (the transfer's start, not the job's), and the time left at that rate. Fed with each
+    advance (`advance(done, total)`); it never logs on its own."""
 
     def __init__(
         self, logger: logging.Logger, what: str, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.logger, self.what, self.clock = logger, what, clock
-        self.started = self.last = clock()
+        self.started: float | None = None
+        self.last = 0.0
 
     def advance(self, done: int, total: int) -> None:
         now = self.clock()
+        if self.started is None:
+            self.started = self.last = now
         if now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now

@@ -129,7 +129,7 @@ def test_progress_is_logged_every_interval_with_bytes_rate_and_time_left(
     clock = [100.0]
     progress = ProgressLog(logging.getLogger("ibp.test"), "backup", clock=lambda: clock[0])
     mib = 1024 * 1024
-    for second, done in [(10, 100), (29.9, 300), (30, 300), (45, 450), (60, 600)]:
+    for second, done in [(0, 0), (10, 100), (29.9, 300), (30, 300), (45, 450), (60, 600)]:
         clock[0] = 100.0 + second
         progress.advance(done * mib, 1200 * mib)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
@@ -152,9 +152,11 @@ def test_progress_interval_is_a_module_constant_tests_can_lower(
     out = _captured("text", "INFO")
     clock = [0.0]
     progress = ProgressLog(logging.getLogger("ibp.test"), "restore", clock=lambda: clock[0])
+    clock[0] = 5.0  # the job loaded its row: the transfer's clock starts at its first advance
     progress.advance(0, 10)  # no time has passed: no rate, no time left yet
-    clock[0] = 1.0
+    clock[0] = 6.0
     progress.advance(5, 10)
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("restore progress: 0 B of 10 B (0%), 0.0 MB/s, unknown time left")
+    assert lines[1].endswith("restore progress: 5 B of 10 B (50%), 0.0 MB/s, 1s left")
     assert len(lines) == 2

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from arq.connections import ArqRedis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app import virt
@@ -36,6 +36,7 @@ from app.engine.webhooks.events import emitted
 from app.engine.words import Words
 from app.engine.workers import unattended
 from app.errors import SecretsUndecryptable
+from app.logs import ProgressLog, job_context
 from app.metrics import COMPLETED, FAILED, JobMetrics
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
@@ -188,6 +189,14 @@ class Progress:
     percent: int = 0
     type: str = "unknown"  # until the job has loaded its row
     bytes: int | None = None
+    log: ProgressLog | None = None  # logs how far it is every PROGRESS_EVERY_S
+
+    def advance(self, done: int, total: int, share: int = 100) -> None:
+        """`done` of `total` bytes moved: the job's percent (`share` of 100 for this part of
+        the work), and a progress line in the log when it is time."""
+        self.percent = share * done // total if total else 0
+        if self.log is not None:
+            self.log.advance(done, total)
 
 
 W = TypeVar("W")
@@ -225,10 +234,38 @@ class Job(Generic[W]):
 
     async def run(self, ctx: JobContext, row_id: str) -> str:
         res, rid = resources(ctx), uuid.UUID(row_id)
+        async with res.session() as session:
+            ids = await self.log_ids(session, rid)
+        with job_context(**ids):
+            return await self._run(ctx, res, rid)
+
+    async def log_ids(self, session: AsyncSession, row_id: uuid.UUID) -> dict[str, object]:
+        """The ids every log line of this job carries (app.logs.JOB_FIELDS): its row's, and
+        its instance's, policy's and hypervisor's. A restore's policy is its backup's."""
+        model = self.model
+        stmt = select(
+            model.instance_id,
+            Instance.hypervisor_id,
+            func.coalesce(Backup.policy_id, Instance.backup_policy_id),
+        ).select_from(model)
+        if model is Restore:
+            stmt = stmt.outerjoin(Backup, Backup.id == Restore.backup_id)
+        stmt = stmt.join(Instance, Instance.id == model.instance_id).where(model.id == row_id)
+        row = (await session.execute(stmt)).one_or_none()
+        own = "restore_id" if model is Restore else "backup_id"
+        ids: dict[str, object] = {"job": self.name, own: row_id}
+        if row is not None:
+            ids.update(instance_id=row[0], hypervisor_id=row[1], policy_id=row[2])
+        return ids
+
+    async def _run(self, ctx: JobContext, res: Resources, rid: uuid.UUID) -> str:
+        row_id = str(rid)
         if not await self.claim(res, rid, ctx.get("job_try", 1)):
+            log.info("%s %s not started: not pending, refused or recovered", self.name, row_id)
             return "not pending"
+        log.info("%s %s started", self.name, row_id)
         started = time.monotonic()
-        progress = Progress()
+        progress = Progress(log=ProgressLog(log, self.name))
         heartbeat = (
             asyncio.create_task(self._keep_alive(res, rid, progress)) if self.heartbeat else None
         )
@@ -239,11 +276,14 @@ class Job(Generic[W]):
             progress.type = self.type_of(work)
             done = await self.execute(res, work, progress)
             self._count(progress, COMPLETED, started)
+            log.info("%s %s %s in %.1fs", self.name, row_id, done, time.monotonic() - started)
             return done
         except BaseException as exc:
             words = describe(exc) if isinstance(exc, Exception) else Words(self.interrupted)
             if not isinstance(exc, EXPECTED):
                 log.exception("%s %s failed", self.name, row_id)
+            else:
+                log.warning("%s %s failed: %s", self.name, row_id, words.operator or words.user)
 
             async def record() -> None:
                 async with res.session() as session:
@@ -316,6 +356,15 @@ class Job(Generic[W]):
         """A row left in progress by a worker that is gone: clean up what that worker left
         (libvirt job, checkpoint, work files, partial uploads) and fail it. False when the row
         turned out to be in a live worker's hands after all."""
+        async with res.session() as session:
+            ids = await self.log_ids(session, row_id)
+        with job_context(**ids):
+            if not await self._abandon_orphan(res, row_id):
+                return False
+            log.warning("%s %s: its worker is gone; cleaned up and failed", self.name, row_id)
+        return True
+
+    async def _abandon_orphan(self, res: Resources, row_id: uuid.UUID) -> bool:
         async with res.session() as session:
             row: Any = await session.get(self.model, row_id, with_for_update=True)
             if row is None or row.status != BackupStatus.IN_PROGRESS:

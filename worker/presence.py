@@ -97,8 +97,7 @@ async def recover_orphans(res: Resources, hypervisor: Hypervisor) -> int:
         async with res.session() as session:
             ids = await workers.orphaned(session, job.model, hypervisor.id, now())
         for row_id in ids:
-            if await job.abandon_orphan(res, row_id):
-                log.warning("%s %s: its worker is gone; cleaned up and failed", job.name, row_id)
+            if await job.abandon_orphan(res, row_id):  # it logs, with the job's ids
                 recovered += 1
     return recovered
 

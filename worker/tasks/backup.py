@@ -229,9 +229,6 @@ async def _stream(
     if decision.parent_id is not None:
         backing = {t: f"../{decision.parent_id}/{t}.qcow2" for t in targets}
 
-    def report(sent: int, planned: int) -> None:
-        progress.percent = int(100 * sent / planned) if planned else 0
-
     stored: list[StoredFile] = []
     try:
         async with virt.pull_backup(
@@ -242,7 +239,7 @@ async def _stream(
             checkpoint,
             decision.incremental_from,
             backing,
-            report,
+            progress.advance,
         ) as pull:
             free = await driver.free_bytes()
             if free is not None and free < pull.planned:

@@ -189,8 +189,8 @@ async def _execute(res: Resources, work: Work, progress: Progress) -> str:
     await asyncio.to_thread(work.work_dir.mkdir, parents=True, exist_ok=True)
 
     def report(done: int, total: int) -> None:
-        if total:
-            progress.percent = int(95 * done / total)
+        # `total` counts the chain's bytes twice: fetched, then converted into the disk.
+        progress.advance(done, total, share=95)
 
     async with res.session() as session:
         driver = await open_driver(session, work.plan.storage_id)
