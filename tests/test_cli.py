@@ -272,6 +272,8 @@ def test_migrate_outside_a_checkout_says_where_to_run_it(
     # As an installed package run from elsewhere than the image's working directory.
     monkeypatch.setattr(paths, "ALEMBIC_INI", tmp_path / "alembic.ini")
     monkeypatch.chdir(tmp_path)
+    # In this process: the root logger must stay pytest's (app.logs is tested in test_logs).
+    monkeypatch.setattr("app.cli._setup_logging", lambda: None)
 
     with pytest.raises(SystemExit) as exc:
         main(["migrate"])
