@@ -199,6 +199,27 @@ class Progress:
             self.log.advance(done, total)
 
 
+async def job_log_ids(
+    session: AsyncSession, job: str, model: type[Backup] | type[Restore], row_id: uuid.UUID
+) -> dict[str, object]:
+    """The ids every log line of a job on this row carries (app.logs.JOB_FIELDS): the row's,
+    and its instance's, policy's and hypervisor's. A restore's policy is its backup's."""
+    stmt = select(
+        model.instance_id,
+        Instance.hypervisor_id,
+        func.coalesce(Backup.policy_id, Instance.backup_policy_id),
+    ).select_from(model)
+    if model is Restore:
+        stmt = stmt.outerjoin(Backup, Backup.id == Restore.backup_id)
+    stmt = stmt.join(Instance, Instance.id == model.instance_id).where(model.id == row_id)
+    row = (await session.execute(stmt)).one_or_none()
+    own = "restore_id" if model is Restore else "backup_id"
+    ids: dict[str, object] = {"job": job, own: row_id}
+    if row is not None:
+        ids.update(instance_id=row[0], hypervisor_id=row[1], policy_id=row[2])
+    return ids
+
+
 W = TypeVar("W")
 T = TypeVar("T")
 
@@ -240,23 +261,7 @@ class Job(Generic[W]):
             return await self._run(ctx, res, rid)
 
     async def log_ids(self, session: AsyncSession, row_id: uuid.UUID) -> dict[str, object]:
-        """The ids every log line of this job carries (app.logs.JOB_FIELDS): its row's, and
-        its instance's, policy's and hypervisor's. A restore's policy is its backup's."""
-        model = self.model
-        stmt = select(
-            model.instance_id,
-            Instance.hypervisor_id,
-            func.coalesce(Backup.policy_id, Instance.backup_policy_id),
-        ).select_from(model)
-        if model is Restore:
-            stmt = stmt.outerjoin(Backup, Backup.id == Restore.backup_id)
-        stmt = stmt.join(Instance, Instance.id == model.instance_id).where(model.id == row_id)
-        row = (await session.execute(stmt)).one_or_none()
-        own = "restore_id" if model is Restore else "backup_id"
-        ids: dict[str, object] = {"job": self.name, own: row_id}
-        if row is not None:
-            ids.update(instance_id=row[0], hypervisor_id=row[1], policy_id=row[2])
-        return ids
+        return await job_log_ids(session, self.name, self.model, row_id)
 
     async def _run(self, ctx: JobContext, res: Resources, rid: uuid.UUID) -> str:
         row_id = str(rid)

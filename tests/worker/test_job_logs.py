@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import logs
 from app.logs import setup_logging
-from app.models import BackupStorage
+from app.models import Backup, BackupStorage
 from app.security import secret_box
 from tests.restore.helpers import restore, take_backup, verify
 from tests.storage import servers
@@ -27,6 +27,7 @@ from tests.virt import vmkit
 from tests.virt.vmkit import MiB
 from tests.worker.conftest import World
 from worker.jobs import JobContext
+from worker.tasks.deletion import delete_backup_files
 
 Maker = async_sessionmaker[AsyncSession]
 # The FTP password of this module's server: it must never be in a log line.
@@ -81,7 +82,7 @@ def _carry(lines: list[dict[str, Any]], ids: dict[str, str]) -> None:
         assert line.items() >= ids.items(), line
 
 
-async def test_every_line_of_a_backup_restore_and_verify_carries_their_ids(
+async def test_every_line_of_a_backup_restore_verify_and_deletion_carries_their_ids(
     world: World,
     worker_ctx: JobContext,
     real_sessionmaker: Maker,
@@ -113,6 +114,14 @@ async def test_every_line_of_a_backup_restore_and_verify_carries_their_ids(
     checked = await verify(worker_ctx, real_sessionmaker, backup.id)
     assert checked.verify_ok, checked.verify_error_detail
     _carry(lines(), {**_ids(world), "job": "verify", "backup_id": str(backup.id)})
+
+    async with real_sessionmaker() as session:
+        await session.execute(
+            update(Backup).where(Backup.id == backup.id).values(status="deleting")
+        )
+        await session.commit()
+    assert await delete_backup_files(worker_ctx, str(backup.id)) == "deleted"
+    _carry(lines(), {**_ids(world), "job": "delete", "backup_id": str(backup.id)})
 
 
 async def _point_storage(maker: Maker, world: World, kind: str, config: dict[str, Any]) -> None:

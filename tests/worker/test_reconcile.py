@@ -4,6 +4,7 @@ restores."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,8 +92,12 @@ async def test_reconcile_removes_orphans_keeps_the_referenced_and_marks_the_miss
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "IBP_LOG_FORMAT": "json"},
     )
     assert dry.returncode == 0, dry.stderr
+    # The command's log is on stderr, one JSON object per line (IBP_LOG_FORMAT).
+    logged = [json.loads(line) for line in dry.stderr.splitlines()]
+    assert any(line["message"].startswith("reconciled ") for line in logged), dry.stderr
     assert f"would delete orphan {orphan}" in dry.stdout
     assert f"backup {middle[0].id}: files missing" in dry.stdout
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == before

@@ -11,16 +11,24 @@ from sqlalchemy import delete, func, select
 from app.engine.lifecycle import remove_instance_when_emptied
 from app.engine.storage_access import backup_prefix, open_driver
 from app.errors import SecretsUndecryptable
+from app.logs import job_context
 from app.models import Backup, BackupChain, BackupFile
 from app.storage.base import StorageError
 from app.values import BackupStatus
-from worker.jobs import JobContext, resources
+from worker.jobs import JobContext, job_log_ids, resources
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 3600
 
 
 async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
+    async with resources(ctx).sessionmaker() as session:
+        ids = await job_log_ids(session, "delete", Backup, uuid.UUID(backup_id))
+    with job_context(**ids):
+        return await _delete(ctx, backup_id)
+
+
+async def _delete(ctx: JobContext, backup_id: str) -> str:
     async with resources(ctx).sessionmaker() as session:
         backup = await session.scalar(
             select(Backup).where(Backup.id == uuid.UUID(backup_id)).with_for_update()
@@ -65,6 +73,7 @@ async def delete_backup_files(ctx: JobContext, backup_id: str) -> str:
             if not left:
                 await session.delete(chain)
         await session.commit()
+    log.info("backup %s deleted with its %d stored file(s)", backup_id, len(files))
     # Only once this removal is committed: the job removing the last backup then sees none.
     async with resources(ctx).session() as session:
         if await remove_instance_when_emptied(session, instance_id):
