@@ -253,8 +253,8 @@ async def record_failure(
 
 
 async def record_success(session: AsyncSession, backup: Backup) -> None:
-    """A completed backup, scheduled or "Backup now", is the instance's new recovery point and
-    may end its policy's Error."""
+    """A completed backup, scheduled or "Backup now", is the instance's new recovery point, may
+    end its policy's Error, and moves its next run (a full it lacked is made)."""
     assert backup.completed_at is not None
     await evaluate_protection(session, backup.completed_at, instance_ids=[backup.instance_id])
     policy_id = await session.scalar(
@@ -262,6 +262,7 @@ async def record_success(session: AsyncSession, backup: Backup) -> None:
     )
     if policy_id is not None:
         await policy_recovered(session, policy_id, backup.completed_at)
+        await refresh_next_run(session, policy_id, backup.completed_at)
 
 
 async def _fail_stale(

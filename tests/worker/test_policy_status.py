@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.engine.lifecycle import record_failure
-from app.engine.policy_state import OVERLAP
+from app.engine.policy_state import OVERLAP, refresh_next_run
 from app.models import Backup, BackupPolicy, ProtectionChange
 from tests.factories import create_backup, create_instance, create_policy, create_user
 from tests.worker.standin import complete_pending
@@ -93,6 +93,31 @@ async def test_a_failed_full_makes_the_next_run_tomorrow(
     # ... which the Tuesday tick takes.
     tuesday = await run_tick(sessionmaker, None, datetime(2026, 6, 1, 23, tzinfo=UTC), GRACE)
     assert len(tuesday.dispatched) == 1
+
+
+async def test_backup_now_completing_the_missing_full_shows_next_monday_again(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    """Attached without a full, the next run is tomorrow's (a full whatever the day); once
+    "Backup now" has made that full, the next run is the policy's Monday again."""
+    policy, (instance,) = await _weekly_full_only(session)
+    attached = datetime(2026, 6, 2, 9, tzinfo=UTC)  # Tuesday
+    await refresh_next_run(session, policy.id, attached)
+    await session.commit()
+    assert policy.next_run_at == datetime(2026, 6, 2, 23, tzinfo=UTC)  # Wednesday 1:00 AM
+    await create_backup(
+        session,
+        instance,
+        status="pending",
+        manual=True,
+        scheduled_for=attached,
+        created_at=attached,
+        completed_at=None,
+    )
+    await session.commit()
+    await complete_pending(sessionmaker, attached + timedelta(minutes=3))
+    await session.refresh(policy)
+    assert policy.next_run_at == datetime(2026, 6, 7, 23, tzinfo=UTC)  # Monday 1:00 AM
 
 
 async def test_error_policy_recovers_when_backup_now_completes_and_keeps_the_error_as_history(
