@@ -8,15 +8,18 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from arq.connections import ArqRedis
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.main import create_app
 from app.models import BackupPolicy, BackupStorage, Hypervisor, Instance, User
+from app.security import secret_box
 from tests.factories import create_instance, create_location, create_policy, create_user
 from tests.virt.conftest import libvirtd, make_vm  # noqa: F401  (fixtures shared with virt)
 from tests.virt.vmkit import VM, VMFactory
@@ -61,6 +64,26 @@ class World:
     hypervisor: Hypervisor
     instance: Instance
     policy: BackupPolicy
+
+    async def point_storage(
+        self,
+        maker: async_sessionmaker[AsyncSession],
+        kind: str,
+        config: dict[str, Any],
+        secrets: dict[str, str],
+    ) -> None:
+        """Make the world's storage another kind (committed: jobs read it in their sessions)."""
+        async with maker() as session:
+            await session.execute(
+                update(BackupStorage)
+                .where(BackupStorage.id == self.storage.id)
+                .values(
+                    kind=kind,
+                    config=config,
+                    secrets_encrypted=secret_box().encrypt(secrets) if secrets else None,
+                )
+            )
+            await session.commit()
 
 
 WorldFactory = Callable[..., Awaitable[World]]

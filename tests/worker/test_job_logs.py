@@ -17,8 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import logs
 from app.logs import setup_logging
-from app.models import Backup, BackupStorage
-from app.security import secret_box
+from app.models import Backup
 from tests.restore.helpers import restore, take_backup, verify
 from tests.storage import servers
 from tests.storage.conftest import rclone_server, sshd_server  # noqa: F401  (fixtures)
@@ -125,18 +124,9 @@ async def test_every_line_of_a_backup_restore_verify_and_deletion_carries_their_
 
 
 async def _point_storage(maker: Maker, world: World, kind: str, config: dict[str, Any]) -> None:
+    """`config` with its secrets in it, as a test server gives it."""
     secrets = {k: config.pop(k, None) for k in ("password", "secret_access_key", "private_key")}
-    async with maker() as session:
-        await session.execute(
-            update(BackupStorage)
-            .where(BackupStorage.id == world.storage.id)
-            .values(
-                kind=kind,
-                config=config,
-                secrets_encrypted=secret_box().encrypt({k: v for k, v in secrets.items() if v}),
-            )
-        )
-        await session.commit()
+    await world.point_storage(maker, kind, config, {k: v for k, v in secrets.items() if v})
 
 
 @pytest.mark.parametrize("kind", ["ftp", "sftp", "s3"])

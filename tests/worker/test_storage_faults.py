@@ -19,8 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app import virt
 from app.engine.lifecycle import NEVER_STARTED, WORKER_LOST, reap_stale
-from app.models import Backup, BackupFile, BackupPolicy, BackupStorage
-from app.security import secret_box
+from app.models import Backup, BackupFile, BackupPolicy
 from app.storage import BackupStorageDriver, get_driver
 from tests.factories import (
     auth_headers,
@@ -41,22 +40,6 @@ from worker.tasks.backup import run_backup
 from worker.tasks.deletion import delete_backup_files
 
 Maker = async_sessionmaker[AsyncSession]
-
-
-async def _point_storage(
-    maker: Maker, world: World, kind: str, config: dict, secrets: dict
-) -> None:  # type: ignore[type-arg]
-    async with maker() as session:
-        await session.execute(
-            update(BackupStorage)
-            .where(BackupStorage.id == world.storage.id)
-            .values(
-                kind=kind,
-                config=config,
-                secrets_encrypted=secret_box().encrypt(secrets) if secrets else None,
-            )
-        )
-        await session.commit()
 
 
 async def _run_full(ctx: JobContext, maker: Maker, world: World) -> Backup:
@@ -86,7 +69,7 @@ async def test_backup_to_a_full_storage_fails_with_the_spec_wording_and_leaves_n
 ) -> None:
     vmkit.write_pattern(world.vm.name, "vda", 0x5A, 0, 24 * MiB)
     with mounted_tmpfs("4m") as small:
-        await _point_storage(real_sessionmaker, world, "local", {"path": str(small)}, {})
+        await world.point_storage(real_sessionmaker, "local", {"path": str(small)}, {})
         backup = await _run_full(worker_ctx, real_sessionmaker, world)
         assert backup.status == "failed"
         assert backup.error == "Backup storage is full"
@@ -112,9 +95,8 @@ async def test_backup_to_an_unreachable_storage_says_why_in_two_views(
     real_client: httpx.AsyncClient,
 ) -> None:
     port = free_port()  # nothing listens there
-    await _point_storage(
+    await world.point_storage(
         real_sessionmaker,
-        world,
         "ftp",
         {"host": "127.0.0.1", "port": port, "username": "backup", "path": "/", "tls": False},
         {"password": "x"},
@@ -153,9 +135,8 @@ async def test_deletion_keeps_the_row_and_retries_while_storage_is_unreachable(
         )
         await session.commit()
     local_config = {"path": str(world.storage_dir)}
-    await _point_storage(
+    await world.point_storage(
         real_sessionmaker,
-        world,
         "ftp",
         {"host": "127.0.0.1", "port": free_port(), "username": "b", "path": "/", "tls": False},
         {"password": "x"},
@@ -170,7 +151,7 @@ async def test_deletion_keeps_the_row_and_retries_while_storage_is_unreachable(
     assert stored, "the files must stay while the rows do"
 
     # The storage is back: the retry removes files first, then the rows.
-    await _point_storage(real_sessionmaker, world, "local", local_config, {})
+    await world.point_storage(real_sessionmaker, "local", local_config, {})
     assert await delete_backup_files(worker_ctx, str(backup.id)) == "deleted"
     assert not list(world.storage_dir.rglob("*.qcow2"))
     async with real_sessionmaker() as session:
@@ -307,7 +288,7 @@ async def test_s3_server_killed_mid_stream_leaves_no_object_nor_open_upload(
     vmkit.write_pattern(world.vm.name, "vdb", 0xA5, 0, 30 * MiB)
     config = {k: v for k, v in server.config.items() if k != "secret_access_key"}
     secret = {"secret_access_key": server.config["secret_access_key"]}
-    await _point_storage(real_sessionmaker, world, "s3", config, secret)
+    await world.point_storage(real_sessionmaker, "s3", config, secret)
     bucket = server.config["bucket"]
     bucket_dir = server.data_dir / bucket
     # botocore gives up on a part after 4 attempts (jittered backoff of at most 1 + 2 + 4 s):
@@ -364,7 +345,7 @@ async def test_sftp_server_killed_mid_stream_leaves_no_temp_file_nor_object(
     vmkit.write_pattern(world.vm.name, "vdb", 0xA5, 0, 30 * MiB)
     config = {k: v for k, v in server.config.items() if k != "private_key"}
     secret = {"private_key": server.config["private_key"]}
-    await _point_storage(real_sessionmaker, world, "sftp", config, secret)
+    await world.point_storage(real_sessionmaker, "sftp", config, secret)
     # sshd and every session it forked are killed once a temp file holds 8 MiB, and sshd is
     # back 2 s later on the same port, host key and files.
     killer = Killer(server, lambda: _temp_written(server.data_dir), restart_after=2)
