@@ -70,16 +70,15 @@ def test_text_lines_end_with_the_jobs_ids_before_a_traceback(restore_logging: No
     assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "RuntimeError: broken"
 
 
-def test_lines_inside_a_thread_started_by_the_job_carry_its_ids(restore_logging: None) -> None:
+async def test_lines_inside_a_thread_started_by_the_job_carry_its_ids(
+    restore_logging: None,
+) -> None:
+    """On the suite's event loop: asyncio.run here would leave later tests without one."""
     import asyncio
 
     out = _captured("json", "INFO")
-
-    async def job() -> None:
-        with job_context(**IDS):
-            await asyncio.to_thread(logging.getLogger("ibp.thread").info, "from a thread")
-
-    asyncio.run(job())
+    with job_context(**IDS):
+        await asyncio.to_thread(logging.getLogger("ibp.thread").info, "from a thread")
     assert json.loads(out.getvalue())["backup_id"] == "b-1"
 
 
