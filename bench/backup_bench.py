@@ -336,7 +336,8 @@ def run_job(backup_id: uuid.UUID, before: Callable[[], None], scratch: Path) -> 
     elapsed = time.perf_counter() - t0
     scratch_peak = watch.stop()
     out = proc.stdout.read()
-    if proc.returncode != 0 or not out.strip().startswith("completed"):
+    last = out.strip().splitlines()[-1] if out.strip() else ""  # after the job's log lines
+    if proc.returncode != 0 or not last.startswith("completed"):
         raise SystemExit(f"backup job failed: {out}")
     done, files = asyncio.run(result(backup_id))
     assert done.started_at and done.completed_at
