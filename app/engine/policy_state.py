@@ -93,6 +93,14 @@ async def policy_recovered(session: AsyncSession, policy_id: uuid.UUID, now: dat
     return True
 
 
+async def instance_left(session: AsyncSession, policy_id: uuid.UUID, now: datetime) -> None:
+    """An instance left the policy (detached or deleted): it may have been the one keeping the
+    policy in Error, and the next run is planned from the instances that stay."""
+    await session.flush()
+    await policy_recovered(session, policy_id, now)
+    await refresh_next_run(session, policy_id, now)
+
+
 async def refresh_next_run(session: AsyncSession, policy_id: uuid.UUID, now: datetime) -> None:
     """Set the policy's `next_run_at` from where each attached instance's chain stands now:
     after a failed full, a new instance or a restore, the next run takes a full whatever the

@@ -11,6 +11,7 @@ from sqlalchemy.orm import selectinload
 from app.db import flush_or_conflict
 from app.engine.chains import busy
 from app.engine.lifecycle import mark_for_deletion, remove_instance
+from app.engine.policy_state import instance_left
 from app.errors import Conflict, NotFound, Unprocessable
 from app.instances.schemas import InstanceCreate, InstanceUpdate
 from app.models import Backup, Hypervisor, Instance, InstanceDisk, User
@@ -104,7 +105,9 @@ async def update_instance(
                 f"The instance has {backups} backup(s), which would pass to the new owner; "
                 "send transfer_backups: true to hand them over too, or delete them first"
             )
-        instance.backup_policy_id = None  # a policy never covers someone else's instance
+        if (left := instance.backup_policy_id) is not None:
+            instance.backup_policy_id = None  # a policy never covers someone else's instance
+            await instance_left(session, left, utcnow())
     for key, value in changes.items():
         setattr(instance, key, value)
     if payload.disks is not None:
@@ -137,8 +140,11 @@ async def delete_instance(
             select(Backup.id, Backup.status).where(Backup.instance_id == instance.id)
         )
     )
+    left = instance.backup_policy_id
     if not backups:
         await remove_instance(session, instance.id)
+        if left is not None:
+            await instance_left(session, left, utcnow())
         return None
     if not delete_backups:
         raise Conflict(
@@ -153,4 +159,6 @@ async def delete_instance(
     await mark_for_deletion(
         session, [b_id for b_id, status in backups if status != BackupStatus.DELETING], jobs
     )
+    if left is not None:
+        await instance_left(session, left, utcnow())
     return [b_id for b_id, _ in backups]

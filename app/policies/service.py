@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from sqlalchemy import Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.engine.policy_state import policy_recovered, refresh_next_run
+from app.engine.policy_state import instance_left, refresh_next_run
 from app.engine.protection import expected_interval, rpo_grace
 from app.errors import Conflict, Forbidden, NotFound, Unprocessable
 from app.instances.service import readable_instances
@@ -406,6 +406,4 @@ async def detach_instance(
     )
     if detached is None:
         raise NotFound("Instance is not attached to this policy")
-    # The instance that kept the policy in Error may be the one leaving.
-    await policy_recovered(session, policy.id, _now())
-    await refresh_next_run(session, policy.id, _now())
+    await instance_left(session, policy.id, _now())

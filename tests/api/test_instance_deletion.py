@@ -189,3 +189,27 @@ async def test_users_cannot_delete_an_instance_with_its_backups(
         f"/instances/{instance.id}", params={"delete_backups": "true"}, headers=headers
     )
     assert_problem(response, 403)
+
+
+async def test_deleting_the_instance_that_kept_its_policy_in_error_recovers_the_policy(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """The failing VM is gone: every instance left has its newest backup completed."""
+    _, headers = await admin_with_headers(session)
+    owner = await create_user(session)
+    policy = await create_policy(session, owner)
+    healthy = await create_instance(session, owner, backup_policy_id=policy.id)
+    broken = await create_instance(session, owner, backup_policy_id=policy.id)
+    await create_backup(session, healthy)
+    await create_backup(session, broken, status="failed", error="Instance is stopped")
+    policy.status, policy.last_error = "error", f"{broken.name}: Instance is stopped"
+    await session.flush()
+
+    response = await client.delete(
+        f"/instances/{broken.id}", params={"delete_backups": "true"}, headers=headers
+    )
+    assert response.status_code == 202, response.text
+    shown = (await client.get(f"/backup-policies/{policy.id}", headers=headers)).json()
+    assert shown["status"] == "active"
+    assert shown["last_error"] == f"{broken.name}: Instance is stopped"  # kept as history
+    assert shown["last_error_resolved_at"] is not None
