@@ -140,6 +140,15 @@ STORAGE_CHECKS = Counter(
     ["kind", "result"],
 )
 
+WEBHOOK_ATTEMPTS = Counter(
+    "ibp_webhook_attempts",
+    "Webhook delivery attempts by this worker, by result: succeeded, retrying (failed, tried "
+    "again later), gave_up (the delivery's last attempt failed)",
+    ["result"],
+)
+WEBHOOK_DISABLED = Counter(
+    "ibp_webhook_endpoints_disabled", "Webhook endpoints this worker disabled for failing"
+)
 
 # --- The catalog's state, read at scrape time ---------------------------------------------
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from arq.connections import ArqRedis
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -49,6 +50,10 @@ async def _deliveries(session: AsyncSession, endpoint: WebhookEndpoint) -> list[
         .execution_options(populate_existing=True)
     )
     return list(rows)
+
+
+def _attempts(result: str) -> float:
+    return REGISTRY.get_sample_value("ibp_webhook_attempts_total", {"result": result}) or 0.0
 
 
 async def test_test_event_is_sent_by_the_worker_signed_per_standard_webhooks(
@@ -111,6 +116,7 @@ async def test_server_errors_are_retried_on_the_backoff_schedule_until_one_succe
         retry_schedule=(timedelta(seconds=5), timedelta(minutes=1)), allow_private=True, now=clock
     )
 
+    counted = {r: _attempts(r) for r in ("succeeded", "retrying", "gave_up")}
     run = await deliver_due(sessionmaker, short)
     assert (run.attempted, run.succeeded) == (1, 0)
     [delivery] = await _deliveries(session, endpoint)
@@ -135,6 +141,9 @@ async def test_server_errors_are_retried_on_the_backoff_schedule_until_one_succe
         200,
     )
     assert delivery.next_attempt_at is None
+    # Two attempts retried, one succeeded: the workers' metrics say so.
+    moved = {r: _attempts(r) - before for r, before in counted.items()}
+    assert moved == {"succeeded": 1, "retrying": 2, "gave_up": 0}
     # Every attempt carried the same message id, each signed with its own timestamp.
     assert len(receiver.requests) == 3
     assert {r.headers["webhook-id"] for r in receiver.requests} == {delivery.message_id}
@@ -159,9 +168,13 @@ async def test_an_endpoint_failing_every_attempt_is_disabled_with_the_reason(
     await emit_event(session, "backup.failed", owner.id, {"backup_id": "b1"})
     await session.commit()
     receiver.answer("/down", 500, 500, 500)
+    gave_up = _attempts("gave_up")
+    disabled = REGISTRY.get_sample_value("ibp_webhook_endpoints_disabled_total") or 0.0
 
     run = await deliver_due(sessionmaker, NO_WAIT)
     assert (run.attempted, run.failed, run.disabled) == (3, 1, [endpoint.id])
+    assert _attempts("gave_up") == gave_up + 1
+    assert REGISTRY.get_sample_value("ibp_webhook_endpoints_disabled_total") == disabled + 1
     assert len(receiver.at("/down")) == 3
     [delivery] = await _deliveries(session, endpoint)
     assert (delivery.status, delivery.attempts, delivery.last_response_code) == ("failed", 3, 500)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.engine.webhooks.events import open_secret
 from app.engine.webhooks.signing import sign
 from app.engine.webhooks.urls import UrlRefused, pinned, resolve
+from app.metrics import WEBHOOK_ATTEMPTS, WEBHOOK_DISABLED
 from app.models import WebhookDelivery, WebhookEndpoint
 from app.security import WrongSecretKey
 from app.values import DeliveryStatus
@@ -87,6 +88,10 @@ class Outcome:
         return self.code is not None and 200 <= self.code < 300
 
 
+# An attempt's result, as the metrics count it.
+SUCCEEDED, RETRYING, GAVE_UP = "succeeded", "retrying", "gave_up"
+
+
 @dataclass
 class Run:
     attempted: int = 0
@@ -118,9 +123,13 @@ async def deliver_due(
         while batch := await _claim(sessionmaker, settings.now()):
             for item, outcome in await asyncio.gather(*(attempt(i) for i in batch)):
                 run.attempted += 1
+                disabled = len(run.disabled)
                 async with sessionmaker() as session:
-                    await record(session, item, outcome, settings, run)
+                    result = await record(session, item, outcome, settings, run)
                     await session.commit()
+                if result is not None:  # committed: counted
+                    WEBHOOK_ATTEMPTS.labels(result=result).inc()
+                    WEBHOOK_DISABLED.inc(len(run.disabled) - disabled)
     finally:
         if own:
             await http.aclose()
@@ -228,7 +237,9 @@ async def send(http: httpx.AsyncClient, item: Claimed, settings: DeliverySetting
 
 async def record(
     session: AsyncSession, item: Claimed, outcome: Outcome, settings: DeliverySettings, run: Run
-) -> None:
+) -> str | None:
+    """The attempt's outcome on its row: SUCCEEDED, RETRYING or GAVE_UP; None when another
+    worker recorded it first."""
     now = settings.now()
     attempts = item.attempts + 1
     values: dict[str, Any] = {
@@ -255,14 +266,17 @@ async def record(
         .returning(WebhookDelivery.id)
     )
     if recorded is None:
-        return
+        return None
     if outcome.ok:
         run.succeeded += 1
-    elif exhausted:
-        run.failed += 1
-        if await _failing_since(session, item):
-            await _disable_for_failing(session, item, outcome, now)
-            run.disabled.append(item.endpoint_id)
+        return SUCCEEDED
+    if not exhausted:
+        return RETRYING
+    run.failed += 1
+    if await _failing_since(session, item):
+        await _disable_for_failing(session, item, outcome, now)
+        run.disabled.append(item.endpoint_id)
+    return GAVE_UP
 
 
 async def _failing_since(session: AsyncSession, item: Claimed) -> bool:
