@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import and_, not_, select, update
+from sqlalchemy import ColumnElement, and_, not_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.engine.chains import chain_states
@@ -99,6 +99,23 @@ async def instance_left(session: AsyncSession, policy_id: uuid.UUID, now: dateti
     await session.flush()
     await policy_recovered(session, policy_id, now)
     await refresh_next_run(session, policy_id, now)
+
+
+async def refresh_policies_of(
+    session: AsyncSession, instances: ColumnElement[bool], now: datetime
+) -> None:
+    """Something the chains depend on changed for these instances (their hypervisor's storage,
+    their hypervisor, their files found missing or back): their policies' next run is planned
+    again."""
+    await session.flush()
+    policy_ids = await session.scalars(
+        select(Instance.backup_policy_id)
+        .where(instances, Instance.backup_policy_id.is_not(None))
+        .distinct()
+    )
+    for policy_id in list(policy_ids):
+        if policy_id is not None:
+            await refresh_next_run(session, policy_id, now)
 
 
 async def refresh_next_run(session: AsyncSession, policy_id: uuid.UUID, now: datetime) -> None:

@@ -19,8 +19,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.engine.policy_state import refresh_policies_of
 from app.engine.storage_access import backup_prefix
-from app.models import Backup, BackupChain, BackupFile, BackupStorage
+from app.models import Backup, BackupChain, BackupFile, BackupStorage, Instance
 from app.storage.base import BackupStorageDriver
 from app.values import ACTIVE, BackupStatus
 
@@ -134,6 +135,13 @@ async def reconcile_storage(
                 update(Backup)
                 .where(Backup.id.in_(result.found_again))
                 .values(files_missing_at=None)
+            )
+        if result.missing or result.found_again:  # a chain broken, or whole again
+            changed = [*result.missing, *result.found_again]
+            await refresh_policies_of(
+                session,
+                Instance.id.in_(select(Backup.instance_id).where(Backup.id.in_(changed))),
+                now,
             )
     log.info("reconciled %s%s", result.summary(), " (dry run)" if dry_run else "")
     return result

@@ -8,9 +8,11 @@ from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import flush_or_conflict
+from app.engine.policy_state import refresh_policies_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.hypervisors.schemas import HypervisorCreate, HypervisorUpdate
 from app.models import BackupStorage, Hypervisor, Instance, Location
+from app.models.base import utcnow
 
 
 def hypervisors_statement() -> Select[Hypervisor]:
@@ -58,11 +60,14 @@ async def update_hypervisor(
 ) -> Hypervisor:
     changes = payload.model_dump(exclude_unset=True)
     await _check_refs(session, changes.get("location_id"), changes.get("backup_storage_id"))
+    storage = hypervisor.backup_storage_id
     for key, value in changes.items():
         if value is None and key != "backup_storage_id":
             continue
         setattr(hypervisor, key, value)
     await flush_or_conflict(session, f"A hypervisor named '{hypervisor.name}' already exists")
+    if hypervisor.backup_storage_id != storage:  # its instances' next backups start new chains
+        await refresh_policies_of(session, Instance.hypervisor_id == hypervisor.id, utcnow())
     return hypervisor
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import selectinload
 from app.db import flush_or_conflict
 from app.engine.chains import busy
 from app.engine.lifecycle import mark_for_deletion, remove_instance
-from app.engine.policy_state import instance_left
+from app.engine.policy_state import instance_left, refresh_policies_of
 from app.errors import Conflict, NotFound, Unprocessable
 from app.instances.schemas import InstanceCreate, InstanceUpdate
 from app.models import Backup, Hypervisor, Instance, InstanceDisk, User
@@ -108,6 +108,9 @@ async def update_instance(
         if (left := instance.backup_policy_id) is not None:
             instance.backup_policy_id = None  # a policy never covers someone else's instance
             await instance_left(session, left, utcnow())
+    # Another hypervisor (and storage) or other disks: its chain cannot go on.
+    moved = changes.get("hypervisor_id", instance.hypervisor_id) != instance.hypervisor_id
+    rechain = moved or payload.disks is not None
     for key, value in changes.items():
         setattr(instance, key, value)
     if payload.disks is not None:
@@ -119,6 +122,8 @@ async def update_instance(
     await flush_or_conflict(
         session, "That hypervisor already has an instance with this domain name"
     )
+    if rechain:
+        await refresh_policies_of(session, Instance.id == instance.id, utcnow())
     return instance
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, update
@@ -10,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.engine.lifecycle import record_failure
 from app.engine.policy_state import OVERLAP, refresh_next_run
-from app.models import Backup, BackupPolicy, ProtectionChange
+from app.hypervisors.schemas import HypervisorUpdate
+from app.hypervisors.service import update_hypervisor
+from app.models import Backup, BackupPolicy, BackupStorage, Hypervisor, ProtectionChange
 from tests.factories import create_backup, create_instance, create_policy, create_user
 from tests.worker.standin import complete_pending
 from worker.jobs import JobContext
@@ -235,3 +239,30 @@ async def test_the_minute_tick_evaluates_protection_and_records_each_change_once
         )
     ).all()
     assert changes == ["at_risk"]
+
+
+async def test_a_new_storage_for_the_hypervisor_brings_the_next_full_forward(
+    sessionmaker: async_sessionmaker[AsyncSession], session: AsyncSession
+) -> None:
+    """Its chain cannot go on on another storage: the next daily look takes a full, and the
+    policy shows it at once instead of next Monday."""
+    policy, (instance,) = await _weekly_full_only(session)
+    await run_tick(sessionmaker, None, MONDAY_RUN, GRACE)
+    await complete_pending(sessionmaker, MONDAY_RUN + timedelta(minutes=5))
+    await session.refresh(policy)
+    assert policy.next_run_at == datetime(2026, 6, 7, 23, tzinfo=UTC)  # next Monday
+
+    storage = BackupStorage(id=uuid.uuid4(), name="other", kind="local", config={"path": "/x"})
+    session.add(storage)
+    await session.flush()
+    hypervisor = await session.get(Hypervisor, instance.hypervisor_id)
+    assert hypervisor is not None
+    await update_hypervisor(session, hypervisor, HypervisorUpdate(backup_storage_id=storage.id))
+    await session.commit()
+    await session.refresh(policy)
+    # The next 1:00 AM in Paris after now (the service's clock): a full, whatever the day.
+    paris = datetime.now(ZoneInfo("Europe/Paris"))
+    due = paris.replace(hour=1, minute=0, second=0, microsecond=0)
+    if due <= paris:
+        due += timedelta(days=1)
+    assert policy.next_run_at == due.astimezone(UTC)
