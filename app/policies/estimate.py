@@ -23,7 +23,7 @@ from app.policies.schemas import (
     PolicyDetail,
     PolicyEstimate,
 )
-from app.policies.service import attached_instances, get_policy, read_policy
+from app.policies.service import attached_instances, read_policy_and_row
 from app.scheduling import Schedule
 from app.scheduling.footprint import (
     ASSUMED_DAILY_CHANGE_PERCENT,
@@ -67,8 +67,7 @@ async def estimate(session: AsyncSession, user: User, payload: EstimateRequest) 
 
 async def policy_detail(session: AsyncSession, user: User, policy_id: uuid.UUID) -> PolicyDetail:
     """The policy, the estimate of its attached instances and what they store under it today."""
-    read = await read_policy(session, user, policy_id)
-    policy = await get_policy(session, user, policy_id)
+    policy, read = await read_policy_and_row(session, user, policy_id)
     ids = list(await session.scalars(attached_instances(policy).with_only_columns(Instance.id)))
     settings = Settings(
         policy.schedule,

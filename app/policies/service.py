@@ -246,6 +246,13 @@ async def get_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) ->
 
 
 async def read_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) -> PolicyRead:
+    return (await read_policy_and_row(session, user, policy_id))[1]
+
+
+async def read_policy_and_row(
+    session: AsyncSession, user: User, policy_id: uuid.UUID
+) -> tuple[BackupPolicy, PolicyRead]:
+    """The policy as loaded and as read, in one query."""
     await session.flush()
     row = (
         await session.execute(
@@ -254,7 +261,7 @@ async def read_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) -
     ).first()
     if row is None:
         raise NotFound("Backup policy not found")
-    return to_read(*row)
+    return row[0], to_read(*row)
 
 
 async def create_policy(session: AsyncSession, user: User, payload: PolicyCreate) -> PolicyRead:
