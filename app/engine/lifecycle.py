@@ -253,8 +253,9 @@ async def record_failure(
 
 
 async def record_success(session: AsyncSession, backup: Backup) -> None:
-    """A completed backup, scheduled or "Backup now", is the instance's new recovery point, may
-    end its policy's Error, and moves its next run (a full it lacked is made)."""
+    """A completed backup, scheduled or "Backup now", is the instance's new recovery point and
+    may end its policy's Error. A "Backup now" also moves the next run (a full it lacked is
+    made); the tick planned a scheduled one's as if it would complete."""
     assert backup.completed_at is not None
     await evaluate_protection(session, backup.completed_at, instance_ids=[backup.instance_id])
     policy_id = await session.scalar(
@@ -262,7 +263,8 @@ async def record_success(session: AsyncSession, backup: Backup) -> None:
     )
     if policy_id is not None:
         await policy_recovered(session, policy_id, backup.completed_at)
-        await refresh_next_run(session, policy_id, backup.completed_at)
+        if backup.manual:
+            await refresh_next_run(session, policy_id, backup.completed_at)
 
 
 async def _fail_stale(
