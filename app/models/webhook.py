@@ -50,6 +50,12 @@ class WebhookDelivery(IdMixin, Base):
             "next_attempt_at",
             postgresql_where="status = 'pending'",
         ),
+        # The minute tick's pruning of the finished log.
+        Index(
+            "ix_webhook_deliveries_finished",
+            "completed_at",
+            postgresql_where="status <> 'pending'",
+        ),
     )
 
     endpoint_id: Mapped[uuid.UUID] = mapped_column(

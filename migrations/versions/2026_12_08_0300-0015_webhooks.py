@@ -99,9 +99,16 @@ def upgrade() -> None:
         ['next_attempt_at'],
         postgresql_where="status = 'pending'",
     )
+    op.create_index(
+        'ix_webhook_deliveries_finished',
+        'webhook_deliveries',
+        ['completed_at'],
+        postgresql_where="status <> 'pending'",
+    )
 
 
 def downgrade() -> None:
+    op.drop_index('ix_webhook_deliveries_finished', table_name='webhook_deliveries')
     op.drop_index('ix_webhook_deliveries_due', table_name='webhook_deliveries')
     op.drop_index('ix_webhook_deliveries_endpoint_created', table_name='webhook_deliveries')
     op.drop_table('webhook_deliveries')

@@ -170,27 +170,28 @@ async def _claim(sessionmaker: async_sessionmaker[AsyncSession], now: datetime) 
             )
         }
         await session.commit()
-    claimed = []
-    for row in rows:
-        endpoint = endpoints[row.endpoint_id]
-        try:
-            secret: str | None = open_secret(endpoint)
-        except WrongSecretKey:
-            secret = None
-        claimed.append(
-            Claimed(
-                row.id,
-                row.endpoint_id,
-                row.message_id,
-                row.event_type,
-                row.payload,
-                row.attempts,
-                row.created_at,
-                endpoint.url,
-                secret,
-            )
+    secrets = {endpoint_id: _secret(e) for endpoint_id, e in endpoints.items()}  # once each
+    return [
+        Claimed(
+            row.id,
+            row.endpoint_id,
+            row.message_id,
+            row.event_type,
+            row.payload,
+            row.attempts,
+            row.created_at,
+            endpoints[row.endpoint_id].url,
+            secrets[row.endpoint_id],
         )
-    return claimed
+        for row in rows
+    ]
+
+
+def _secret(endpoint: WebhookEndpoint) -> str | None:
+    try:
+        return open_secret(endpoint)
+    except WrongSecretKey:
+        return None
 
 
 async def send(http: httpx.AsyncClient, item: Claimed, settings: DeliverySettings) -> Outcome:
@@ -273,8 +274,9 @@ async def record(
     if not exhausted:
         return RETRYING
     run.failed += 1
-    if await _failing_since(session, item):
-        await _disable_for_failing(session, item, outcome, now)
+    if await _failing_since(session, item) and await _disable_for_failing(
+        session, item, outcome, now
+    ):
         run.disabled.append(item.endpoint_id)
     return GAVE_UP
 
@@ -296,10 +298,11 @@ async def _failing_since(session: AsyncSession, item: Claimed) -> bool:
 
 async def _disable_for_failing(
     session: AsyncSession, item: Claimed, outcome: Outcome, now: datetime
-) -> None:
+) -> bool:
+    """True when this disabled the endpoint (False: it was already off, or gone)."""
     endpoint = await session.get(WebhookEndpoint, item.endpoint_id, with_for_update=True)
     if endpoint is None or not endpoint.enabled:
-        return
+        return False
     attempts = item.attempts + 1
     reason = (
         f"Disabled at {now:%Y-%m-%d %H:%M} UTC: every delivery since "
@@ -309,6 +312,7 @@ async def _disable_for_failing(
     )
     await disable_endpoint(session, endpoint, reason, now)
     log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
+    return True
 
 
 async def disable_endpoint(
@@ -354,7 +358,5 @@ async def prune_log(session: AsyncSession, now: datetime) -> int:
         .limit(PRUNE_BATCH)
         .scalar_subquery()
     )
-    deleted = await session.execute(
-        delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)).returning(WebhookDelivery.id)
-    )
-    return len(deleted.all())
+    deleted = await session.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(old)))
+    return int(deleted.rowcount)  # type: ignore[attr-defined]
