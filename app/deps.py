@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.engine.webhooks.events import emitted
-from app.queues import JobQueue, enqueue_webhook_delivery
+from app.engine.webhooks.events import queue_delivery_if_emitted
+from app.queues import JobQueue
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -29,8 +29,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             stack.push_async_callback(session.close)
         yield session
         await session.commit()
-        if emitted(session):
-            enqueue_webhook_delivery(queue)
+        queue_delivery_if_emitted(session, queue)
     await queue.flush(request.app.state.arq)
 
 

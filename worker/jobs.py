@@ -32,7 +32,7 @@ from app.db import build_engine, build_sessionmaker, database_unreachable
 from app.engine.chain_fetch import ChainError
 from app.engine.chains import Busy, busy
 from app.engine.lifecycle import NotRecorded
-from app.engine.webhooks.events import emitted
+from app.engine.webhooks.events import queue_delivery_if_emitted
 from app.engine.words import Words
 from app.engine.workers import unattended
 from app.errors import SecretsUndecryptable
@@ -40,7 +40,7 @@ from app.logs import ProgressLog, job_context
 from app.metrics import COMPLETED, FAILED, JobMetrics
 from app.models import Backup, Instance, Restore
 from app.models.base import utcnow
-from app.queues import JobQueue, enqueue_webhook_delivery
+from app.queues import JobQueue
 from app.storage.base import StorageError, StorageFull, StorageUnreachable
 from app.units import size_human
 from app.values import ACTIVE, BackupStatus
@@ -88,10 +88,9 @@ class Resources:
         async with self.sessionmaker() as session:
             yield session
             await session.commit()
-            if emitted(session):
-                jobs = JobQueue()
-                enqueue_webhook_delivery(jobs)
-                await jobs.flush(self.redis)
+            jobs = JobQueue()
+            queue_delivery_if_emitted(session, jobs)
+            await jobs.flush(self.redis)
 
 
 def resources(ctx: JobContext) -> Resources:

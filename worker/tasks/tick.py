@@ -19,9 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.engine.chains import chain_states
 from app.engine.policy_state import policy_errored
-from app.engine.webhooks.events import emit_backup, emitted
+from app.engine.webhooks.events import emit_backup, queue_delivery_if_emitted
 from app.models import Backup, BackupPolicy, Hypervisor, Instance, User
-from app.queues import JobQueue, enqueue_backup, enqueue_webhook_delivery
+from app.queues import JobQueue, enqueue_backup
 from app.scheduling import (
     Chain,
     ChainState,
@@ -236,8 +236,7 @@ async def run_tick(
         async with sessionmaker() as session:
             claimed = await _dispatch_batch(session, now, grace, jobs, result)
             await session.commit()
-            if emitted(session):
-                enqueue_webhook_delivery(jobs)
+            queue_delivery_if_emitted(session, jobs)
         await jobs.flush(redis)
         if claimed < BATCH:
             return result

@@ -1,6 +1,7 @@
 """Events: one delivery row per endpoint that wants it, written in the transaction of the
 change it reports, so nothing is sent for a change that did not commit. The control worker
-sends them (`delivery`); whoever commits the session queues that job (`emitted`).
+sends them (`delivery`); whoever commits the session queues that job
+(`queue_delivery_if_emitted`).
 
 Payloads carry ids, names and statuses the owner sees in the API, and the owner's words of an
 error; never hosts, URIs, paths, usernames or buckets.
@@ -25,10 +26,12 @@ from app.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from app.queues import JobQueue, enqueue_webhook_delivery
 from app.security import WrongSecretKey, secret_box
 from app.values import WEBHOOK_TEST, DeliveryStatus, Role
 
-# Set in session.info by an emission; read once the session committed (`emitted`).
+# Set in session.info by an emission; read once the session committed
+# (`queue_delivery_if_emitted`).
 _EMITTED = "ibp.webhooks_emitted"
 
 
@@ -45,11 +48,10 @@ def reseal_secrets(endpoints: Iterable[WebhookEndpoint]) -> int:
     """Seal every endpoint's signing secret again with the current IBP_SECRET_KEY (`ibp
     rotate-secrets`); how many. All or nothing: raises WrongSecretKey naming every endpoint
     whose secret opens with no key, and changes none."""
-    box, endpoints = secret_box(), list(endpoints)
-    failed = []
-    for endpoint in endpoints:
+    box, resealed, failed = secret_box(), {}, []
+    for endpoint in endpoints:  # each opened once; nothing is changed before all have opened
         try:
-            box.decrypt(endpoint.secret_encrypted)
+            resealed[endpoint] = box.reseal(endpoint.secret_encrypted)
         except WrongSecretKey:
             failed.append(str(endpoint.id))
     if failed:
@@ -58,9 +60,9 @@ def reseal_secrets(endpoints: Iterable[WebhookEndpoint]) -> int:
             "decrypted with IBP_SECRET_KEY nor any of IBP_PREVIOUS_SECRET_KEYS: add the key "
             "they were sealed with to IBP_PREVIOUS_SECRET_KEYS, or delete those endpoints"
         )
-    for endpoint in endpoints:
-        endpoint.secret_encrypted = box.reseal(endpoint.secret_encrypted)
-    return len(endpoints)
+    for endpoint, sealed in resealed.items():
+        endpoint.secret_encrypted = sealed
+    return len(resealed)
 
 
 def new_message_id() -> str:
@@ -152,10 +154,11 @@ async def _deliver(
     return len(rows)
 
 
-def emitted(session: AsyncSession) -> bool:
-    """Whether the session wrote deliveries since last asked: call after its commit, and queue
-    the delivery job when true."""
-    return bool(session.info.pop(_EMITTED, False))
+def queue_delivery_if_emitted(session: AsyncSession, jobs: JobQueue) -> None:
+    """Call once the session committed: when it wrote deliveries, the job that sends them
+    goes with `jobs`."""
+    if session.info.pop(_EMITTED, False):
+        enqueue_webhook_delivery(jobs)
 
 
 # --- what each event says -----------------------------------------------------------------
