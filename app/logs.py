@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import IO, Any
 
+from pythonjsonlogger.core import RESERVED_ATTRS
+
 from app.units import duration_human, size_human
 
 LOG_FORMATS = ("text", "json")
@@ -49,10 +51,6 @@ def job_context(**ids: object) -> Iterator[None]:
         _job.reset(token)
 
 
-def current_job() -> dict[str, str]:
-    return dict(_job.get() or {})
-
-
 class JobFields(logging.Filter):
     """Puts the running job's ids on each record, as attributes (JSON shows them as fields)."""
 
@@ -76,30 +74,9 @@ class TextFormatter(logging.Formatter):
 
 
 _CHATTY = ("alembic.runtime.plugins",)
-# LogRecord attributes JSON leaves out: logging's own, and uvicorn's colored copy of the message.
-_JSON_SKIPS = (
-    "args",
-    "asctime",
-    "color_message",
-    "created",
-    "exc_info",
-    "exc_text",
-    "filename",
-    "funcName",
-    "levelno",
-    "lineno",
-    "module",
-    "msecs",
-    "msg",
-    "pathname",
-    "process",
-    "processName",
-    "relativeCreated",
-    "stack_info",
-    "taskName",
-    "thread",
-    "threadName",
-)
+# LogRecord attributes JSON leaves out: logging's own (python-json-logger's list, with
+# Python 3.12's taskName), and uvicorn's colored copy of the message.
+_JSON_SKIPS = (*RESERVED_ATTRS, "taskName", "color_message")
 
 
 def logging_config(

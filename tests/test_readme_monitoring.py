@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import uuid
 
-from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.metrics import CatalogSnapshot, render
@@ -30,8 +29,8 @@ def _exposed() -> set[str]:
         oldest_good_age={uuid.uuid4(): 90000.0},
         without_good={uuid.uuid4(): 1},
     )
+    # render() is this process's registry (every family, the workers' too) then the catalog's.
     families = list(text_string_to_metric_families(render(snap).decode()))
-    families += list(REGISTRY.collect())  # the workers' families, with or without samples
     return {f.name + suffix for f in families for suffix in SUFFIXES.get(f.type, ("",))}
 
 
