@@ -25,7 +25,7 @@ async def schedule_preview(
     count: int,
     instance_id: uuid.UUID | None,
 ) -> list[SchedulePreviewRun]:
-    policy, zone_name, _ = await get_policy_row(session, user, policy_id)
+    policy, zone_name = await get_policy_row(session, user, policy_id)
     state: ChainState | None = None
     if instance_id is not None:
         attached = await session.scalar(

@@ -82,8 +82,8 @@ def readable_policies(user: User | _Reader, stmt: Select[*Ts]) -> Select[*Ts]:
     return stmt if user.is_admin else stmt.where(_policies.c.owner_id == user.id)
 
 
-# A policy, its owner's zone and its instance count: what a single read or an edit loads.
-_POLICY_ROWS = select(BackupPolicy, User.timezone, _instance_count).join(
+# A policy and its owner's zone: what an edit or a preview loads (a read: _READ_ROWS).
+_POLICY_ROWS = select(BackupPolicy, User.timezone).join(
     User, User.id == BackupPolicy.owner_id
 )
 # ... and what a read shows besides.
@@ -230,7 +230,7 @@ def to_read(policy: BackupPolicy, zone: str, *counts: int) -> PolicyRead:
 
 async def get_policy_row(
     session: AsyncSession, user: User, policy_id: uuid.UUID
-) -> tuple[BackupPolicy, str, int]:
+) -> tuple[BackupPolicy, str]:
     row = (
         await session.execute(
             readable_policies(user, _POLICY_ROWS).where(BackupPolicy.id == policy_id)
@@ -238,7 +238,7 @@ async def get_policy_row(
     ).first()
     if row is None:
         raise NotFound("Backup policy not found")
-    return row[0], row[1], row[2]
+    return row[0], row[1]
 
 
 async def get_policy(session: AsyncSession, user: User, policy_id: uuid.UUID) -> BackupPolicy:
@@ -298,7 +298,7 @@ async def create_policy(session: AsyncSession, user: User, payload: PolicyCreate
 async def update_policy(
     session: AsyncSession, user: User, policy_id: uuid.UUID, payload: PolicyUpdate
 ) -> PolicyRead:
-    policy, zone, _ = await get_policy_row(session, user, policy_id)
+    policy, zone = await get_policy_row(session, user, policy_id)
     replan = False
     if payload.name is not None:
         policy.name = payload.name
