@@ -83,9 +83,7 @@ def readable_policies(user: User | _Reader, stmt: Select[*Ts]) -> Select[*Ts]:
 
 
 # A policy and its owner's zone: what an edit or a preview loads (a read: _READ_ROWS).
-_POLICY_ROWS = select(BackupPolicy, User.timezone).join(
-    User, User.id == BackupPolicy.owner_id
-)
+_POLICY_ROWS = select(BackupPolicy, User.timezone).join(User, User.id == BackupPolicy.owner_id)
 # ... and what a read shows besides.
 _READ_ROWS = select(BackupPolicy, User.timezone, *_COUNTS).join(
     User, User.id == BackupPolicy.owner_id
